@@ -1,0 +1,248 @@
+"""Building blocks shared by the encoder, prompt encoder and decoder.
+
+PyTorch defaults are reproduced explicitly: exact (erf) GELU, LayerNorm with the two-pass
+variance and an explicit epsilon, and PyTorch's default parameter initialisation
+(Kaiming-uniform with a = sqrt(5), i.e. U(+-1/sqrt(fan_in)) for weights and biases).
+Parameters carry a `logical_axes` metadata entry that `sammed3d_jax.sharding` maps to mesh axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU, PyTorch's `nn.GELU()` default."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class Buffer(nnx.Variable):
+    """A persistent, non-trainable array (PyTorch `register_buffer`): saved, never optimised."""
+
+
+def torch_kernel_init() -> nnx.Initializer:
+    """PyTorch's default Linear/Conv weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> nnx.Initializer:
+    bound = 1.0 / np.sqrt(max(fan_in, 1))
+
+    def init(key: Array, shape: Sequence[int], dtype=jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    *,
+    axes: tuple[str | None, str | None],
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+) -> nnx.Linear:
+    """A PyTorch-initialised `nnx.Linear` with float32 params and logical axis names."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=torch_kernel_init(),
+        bias_init=torch_bias_init(in_features),
+        kernel_metadata={"logical_axes": axes},
+        bias_metadata={"logical_axes": (axes[1],)},
+        rngs=rngs,
+    )
+
+
+def conv3d(
+    in_features: int,
+    out_features: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    use_bias: bool = True,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """A channels-last 3D convolution with PyTorch's initialisation and zero padding."""
+    fan_in = in_features * kernel_size**3
+    return nnx.Conv(
+        in_features,
+        out_features,
+        kernel_size=(kernel_size,) * 3,
+        strides=(stride,) * 3,
+        padding=((padding, padding),) * 3,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=torch_kernel_init(),
+        bias_init=torch_bias_init(fan_in),
+        kernel_metadata={"logical_axes": (None, None, None, "conv_in", "conv_out")},
+        bias_metadata={"logical_axes": ("conv_out",)},
+        rngs=rngs,
+    )
+
+
+class LayerNorm(nnx.LayerNorm):
+    """LayerNorm over the last axis, statistics in float32 with the two-pass variance.
+
+    Used channels-last both for `nn.LayerNorm` and for the original's channels-first
+    `LayerNorm3d` (same arithmetic over the channel axis).
+    """
+
+    def __init__(self, num_features: int, *, epsilon: float, rngs: nnx.Rngs):
+        super().__init__(
+            num_features,
+            epsilon=epsilon,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            use_fast_variance=False,
+            scale_metadata={"logical_axes": ("norm",)},
+            bias_metadata={"logical_axes": ("norm",)},
+            rngs=rngs,
+        )
+
+    def __call__(self, x: Array, *args, **kwargs) -> Array:
+        return super().__call__(x.astype(jnp.float32), *args, **kwargs)
+
+
+class Embedding(nnx.Module):
+    """A learned table read directly (PyTorch `nn.Embedding(...).weight`), init N(0, 1)."""
+
+    def __init__(self, num: int, features: int, *, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            jax.random.normal(rngs.params(), (num, features), jnp.float32),
+            logical_axes=(None, "embed_prompt"),
+        )
+
+
+class MLPBlock(nnx.Module):
+    """lin1 -> activation -> lin2 (the encoder MLP uses GELU, the decoder MLP ReLU)."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        act: str,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        axes: tuple[str, str] = ("embed", "mlp"),
+    ):
+        self.lin1 = linear(dim, hidden, axes=axes, dtype=dtype, rngs=rngs)
+        self.lin2 = linear(hidden, dim, axes=(axes[1], axes[0]), dtype=dtype, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x: Array) -> Array:
+        h = self.lin1(x)
+        h = gelu(h) if self.act == "gelu" else jax.nn.relu(h)
+        return self.lin2(h)
+
+
+class MLP(nnx.Module):
+    """`num_layers` Linear layers with ReLU between them and none after the last."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        num_layers: int,
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nnx.List(
+            [
+                linear(a, b, axes=("embed_prompt", "mlp"), dtype=dtype, rngs=rngs)
+                for a, b in zip(dims[:-1], dims[1:])
+            ]
+        )
+
+    def __call__(self, x: Array) -> Array:
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < n - 1:
+                x = jax.nn.relu(x)
+        return x
+
+
+class ConvTranspose3dK2(nnx.Module):
+    """PyTorch `ConvTranspose3d(kernel_size=2, stride=2)` as one exact einsum.
+
+    With kernel = stride there is no overlap:
+    ``out[b, 2d+a, 2h+b', 2w+g, o] = bias[o] + sum_i x[b, d, h, w, i] * W[i, o, a, b', g]``.
+    The kernel is stored as ``(2, 2, 2, in, out)`` (= PyTorch's ``(in, out, 2, 2, 2)``
+    moved axis-wise, no spatial flip).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        # PyTorch computes fan_in of a transposed-conv weight from its dim 1 (= out channels).
+        fan_in = out_features * 8
+        bound = 1.0 / np.sqrt(fan_in)
+        self.kernel = nnx.Param(
+            jax.random.uniform(
+                rngs.params(), (2, 2, 2, in_features, out_features), jnp.float32, -bound, bound
+            ),
+            logical_axes=(None, None, None, "conv_in", "conv_out"),
+        )
+        self.bias = nnx.Param(
+            jax.random.uniform(rngs.params(), (out_features,), jnp.float32, -bound, bound),
+            logical_axes=("conv_out",),
+        )
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        b, d, h, w, _ = x.shape
+        k = self.kernel[...].astype(self.dtype)
+        y = jnp.einsum("bdhwi,xyzio->bdxhywzo", x.astype(self.dtype), k)
+        y = y.reshape(b, 2 * d, 2 * h, 2 * w, -1)
+        return y + self.bias[...].astype(self.dtype)
+
+
+def upsample_linear_axis(x: Array, axis: int, out_size: int) -> Array:
+    """Linear resize of one axis like PyTorch `interpolate(..., align_corners=False)`.
+
+    Output index o reads source s = (o + 0.5) * in/out - 0.5 clamped below at 0, and blends
+    floor(s) and min(floor(s) + 1, in - 1) as ``w0 * a + w1 * b`` (no matmul, so the result
+    does not depend on the matmul precision).
+    """
+    n = x.shape[axis]
+    scale = n / out_size
+    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.floor(src).astype(np.int32)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w1 = (src - i0).astype(np.float32)
+    w0 = (1.0 - w1).astype(np.float32)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    a = jnp.take(x, jnp.asarray(i0), axis=axis)
+    b = jnp.take(x, jnp.asarray(i1), axis=axis)
+    return jnp.asarray(w0).reshape(shape) * a + jnp.asarray(w1).reshape(shape) * b
+
+
+def upsample_logits(logits: Array, size: int | Sequence[int]) -> Array:
+    """Trilinear resize of ``(..., D, H, W)`` logits, `align_corners=False`.
+
+    Interpolates the last axis first, then the middle, then the first, which is exactly
+    PyTorch's nested CPU arithmetic; returns float32 ``(..., *size)``.
+    """
+    size = (size,) * 3 if isinstance(size, int) else tuple(size)
+    x = logits.astype(jnp.float32)
+    for axis, out in zip((-1, -2, -3), size[::-1]):
+        x = upsample_linear_axis(x, x.ndim + axis, out)
+    return x

@@ -1,0 +1,401 @@
+"""3D ViT image encoder (`ImageEncoderViT3D` of the original), channels-last.
+
+Token grids are ``(B, D, H, W, C)``: D, H, W are the volume's tensor axes A0, A1, A2.
+
+Relative positions. The original adds its three decomposed relative-position terms with
+2-D-style indexing on 7-D logits, so they broadcast onto other key axes than their names
+suggest. What it computes, for a query at grid position (i, j, l) and a key at (a, b, c) of a
+cubic grid or window of side S with tables T_d, T_h, T_w of length 2S - 1, is
+
+    bias = q(i,j,l).T_d[i-c+S-1] + q(i,j,a).T_h[j-c+S-1] + q(i,j,b).T_w[b-c+S-1]
+
+where q(i,j,x) is the (unscaled) query vector at grid position (i, j, x). This module
+reproduces that exactly (the golden outputs of the original require it).
+
+Windowed blocks. The original zero-pads the *normalised* token grid up to a multiple of the
+window size and attends inside each window over every token, padding included. A padded
+token is the zero vector, so its query, key and value are the qkv bias. `window_attention=
+"padded"` runs those literal windows. `"exact"` attends over the real tokens of each window
+only, plus one extra key that stands for all padded keys at once: they share the value b_v,
+and their summed softmax weight is a closed form because the bias above factorises per key
+column c:
+
+    sum_pad e^{logit} = e^{s q.b_k} (sum_c e^{A_c} SB_c SC_c  -  sum_{c real} e^{A_c} SB'_c SC'_c)
+
+with A_c the first term, SB_c / SC_c the sums of e^{second term} over a / of e^{third term}
+over b (all positions, or real positions only for the primed sums). Both modes give the same
+output (tested); "exact" does a fraction of the work (512 instead of 2,744 keys for
+`vit_b_ori`).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sammed3d_jax.model.common import LayerNorm, MLPBlock, conv3d, gelu, linear
+from sammed3d_jax.model.config import Sam3DConfig
+
+Array = jax.Array
+F32 = jnp.float32
+
+
+class PatchEmbed3D(nnx.Module):
+    """Non-overlapping patch embedding: Conv3d with kernel = stride = patch size.
+
+    Computed as a reshape into patches and one matmul (identical arithmetic to the VALID
+    strided convolution, and fast on every backend).
+    """
+
+    def __init__(self, cfg: Sam3DConfig, *, rngs: nnx.Rngs):
+        self.proj = conv3d(
+            cfg.in_chans,
+            cfg.encoder_embed_dim,
+            cfg.patch_size,
+            stride=cfg.patch_size,
+            dtype=cfg.compute_dtype,
+            rngs=rngs,
+        )
+        self.patch_size = cfg.patch_size
+
+    def __call__(self, x: Array) -> Array:
+        """x: (B, D, H, W, C_in) -> (B, D/p, H/p, W/p, C)."""
+        p = self.patch_size
+        b, d, h, w, c = x.shape
+        x = x.reshape(b, d // p, p, h // p, p, w // p, p, c)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, d // p, h // p, w // p, p * p * p * c)
+        kernel = self.proj.kernel[...].reshape(p * p * p * c, -1)
+        dtype = self.proj.dtype
+        y = jnp.einsum("bdhwk,kc->bdhwc", x.astype(dtype), kernel.astype(dtype))
+        return y + self.proj.bias[...].astype(dtype)
+
+
+def _gather_table(table: Array, rows: int, cols: int, size: int) -> Array:
+    """(rows, cols, E) with entry [r, c] = table[r - c + size - 1]."""
+    idx = np.arange(rows)[:, None] - np.arange(cols)[None, :] + (size - 1)
+    return table[jnp.asarray(idx)].astype(F32)
+
+
+class RelPosTerms(nnx.Pytree):
+    """The three relative-position terms of one attention call (see module docstring).
+
+    a: (B, K, nd, nh, nw, X) first term per query and key column c.
+    b: (B, K, nd, nh, X, X) second term, indexed [.., key row a, key column c].
+    c: (B, K, nd, nh, X, X) third term, indexed [.., key row b, key column c].
+    """
+
+    def __init__(self, a: Array, b: Array, c: Array):
+        self.a, self.b, self.c = a, b, c
+
+    def bias(self, kd: int, kh: int, kw: int) -> Array:
+        """Bias over the key box [0,kd) x [0,kh) x [0,kw): (B, K, nd, nh, nw, kd, kh, kw)."""
+        a = self.a[..., None, None, :kw]
+        b = self.b[:, :, :, :, None, :kd, None, :kw]
+        c = self.c[:, :, :, :, None, None, :kh, :kw]
+        return a + b + c
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with the original's decomposed relative positions."""
+
+    def __init__(self, cfg: Sam3DConfig, input_size: int, *, rngs: nnx.Rngs):
+        dim = cfg.encoder_embed_dim
+        self.num_heads = cfg.encoder_num_heads
+        self.head_dim = dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.dtype = cfg.compute_dtype
+        self.qkv = linear(
+            dim, 3 * dim, axes=("embed", "qkv"), dtype=self.dtype, rngs=rngs, use_bias=cfg.qkv_bias
+        )
+        self.proj = linear(dim, dim, axes=("heads", "embed"), dtype=self.dtype, rngs=rngs)
+        self.use_rel_pos = cfg.use_rel_pos
+        self.input_size = input_size
+        if self.use_rel_pos:
+            shape = (2 * input_size - 1, self.head_dim)
+            self.rel_pos_d = nnx.Param(jnp.zeros(shape, F32), logical_axes=(None, None))
+            self.rel_pos_h = nnx.Param(jnp.zeros(shape, F32), logical_axes=(None, None))
+            self.rel_pos_w = nnx.Param(jnp.zeros(shape, F32), logical_axes=(None, None))
+
+    def _qkv(self, x: Array) -> tuple[Array, Array, Array]:
+        """x: (B, d, h, w, C) -> q, k, v each (B, K, d, h, w, E)."""
+        b, d, h, w, _ = x.shape
+        qkv = self.qkv(x.astype(self.dtype)).reshape(b, d, h, w, 3, self.num_heads, self.head_dim)
+        qkv = qkv.transpose(4, 0, 5, 1, 2, 3, 6)
+        return qkv[0], qkv[1], qkv[2]
+
+    def _bias_parts(self) -> tuple[Array, Array]:
+        """q and k parts of the qkv bias, (K, E) each (what every zero token projects to)."""
+        dim = self.num_heads * self.head_dim
+        if not self.qkv.use_bias:
+            z = jnp.zeros((self.num_heads, self.head_dim), F32)
+            return z, z, z
+        bias = self.qkv.bias[...].astype(F32).reshape(3, self.num_heads, self.head_dim)
+        del dim
+        return bias[0], bias[1], bias[2]
+
+    def _rel_terms(self, q: Array, extent: int) -> RelPosTerms:
+        """Relative-position terms for real queries q (B, K, nd, nh, nw, E).
+
+        `extent` is the key side X (window side, or the grid side for global attention).
+        Query vectors at w-positions >= nw (padding) are the q bias.
+        """
+        b, k, nd, nh, nw, e = q.shape
+        q = q.astype(F32)
+        if extent > nw:
+            b_q = self._bias_parts()[0]
+            pad = jnp.broadcast_to(b_q[None, :, None, None, None, :], (b, k, nd, nh, extent - nw, e))
+            q_ext = jnp.concatenate([q, pad], axis=4)
+        else:
+            q_ext = q
+        s = self.input_size
+        t_d = _gather_table(self.rel_pos_d[...], nd, extent, s)
+        t_h = _gather_table(self.rel_pos_h[...], nh, extent, s)
+        t_w = _gather_table(self.rel_pos_w[...], extent, extent, s)
+        a = jnp.einsum("bkijle,ixe->bkijlx", q, t_d)
+        bt = jnp.einsum("bkijye,jxe->bkijyx", q_ext, t_h)
+        ct = jnp.einsum("bkijye,yxe->bkijyx", q_ext, t_w)
+        return RelPosTerms(a, bt, ct)
+
+    def attend(self, x: Array, window: int | None = None) -> Array:
+        """Attention over the real tokens of one (possibly partly padded) window.
+
+        x: (B, d, h, w, C) real tokens. `window` is the padded window side the original
+        would use (None for global attention, where the grid itself is the window).
+        Returns (B, d, h, w, C) after the output projection.
+        """
+        b, d, h, w, c = x.shape
+        q, k, v = self._qkv(x)
+        n = d * h * w
+        logits = jnp.einsum(
+            "bkxe,bkye->bkxy",
+            (q * self.scale).reshape(b, self.num_heads, n, -1),
+            k.reshape(b, self.num_heads, n, -1),
+            preferred_element_type=F32,
+        ).astype(F32)
+        extent = window if window is not None else w
+        terms = None
+        if self.use_rel_pos:
+            terms = self._rel_terms(q, extent)
+            logits = logits + terms.bias(d, h, w).reshape(b, self.num_heads, n, n)
+        values = v.reshape(b, self.num_heads, n, -1).astype(self.dtype)
+        if window is None or (d, h, w) == (window,) * 3:
+            probs = jax.nn.softmax(logits, axis=-1)
+            out = jnp.einsum("bkxy,bkye->bkxe", probs.astype(self.dtype), values)
+        else:
+            pad_logit = self._padding_logit(q, (d, h, w), window, terms)
+            probs = jax.nn.softmax(jnp.concatenate([logits, pad_logit[..., None]], axis=-1), axis=-1)
+            b_v = self._bias_parts()[2][None, :, None, :].astype(self.dtype)
+            out = jnp.einsum("bkxy,bkye->bkxe", probs[..., :n].astype(self.dtype), values)
+            out = out + probs[..., n:].astype(self.dtype) * b_v
+        out = out.reshape(b, self.num_heads, d, h, w, -1).transpose(0, 2, 3, 4, 1, 5)
+        return self.proj(out.reshape(b, d, h, w, c))
+
+    def _padding_logit(
+        self, q: Array, real: tuple[int, int, int], window: int, terms: RelPosTerms | None
+    ) -> Array:
+        """Log of the summed softmax weight (before normalisation) of a window's padded keys.
+
+        q: (B, K, nd, nh, nw, E). Returns (B, K, nd * nh * nw).
+        """
+        b = q.shape[0]
+        nd, nh, nw = real
+        b_k = self._bias_parts()[1]
+        base = jnp.einsum("bkdhwe,ke->bkdhw", q.astype(F32) * self.scale, b_k)
+        if terms is None:
+            log_pad = jnp.full(base.shape, np.log(window**3 - nd * nh * nw), F32)
+        else:
+            # log of sum over key columns c of e^{A_c} * SB_c * SC_c, for all keys and for the
+            # real box, combined in log space so that nothing overflows or underflows.
+            lse = jax.nn.logsumexp
+            sb_all, sb_real = lse(terms.b, axis=4), lse(terms.b[:, :, :, :, :nd], axis=4)
+            sc_all, sc_real = lse(terms.c, axis=4), lse(terms.c[:, :, :, :, :nh], axis=4)
+            t_all = lse(terms.a + (sb_all + sc_all)[:, :, :, :, None, :], axis=-1)
+            t_real = lse(
+                terms.a[..., :nw] + (sb_real + sc_real)[:, :, :, :, None, :nw], axis=-1
+            )
+            log_pad = t_all + jnp.log(-jnp.expm1(t_real - t_all))
+        return (base + log_pad).reshape(b, self.num_heads, -1)
+
+    def attend_padded(self, x: Array) -> Array:
+        """The original's literal attention over a full window, padded tokens included.
+
+        x: (B', ws, ws, ws, C) window tokens (zeros at padded positions).
+        """
+        b, d, h, w, c = x.shape
+        q, k, v = self._qkv(x)
+        n = d * h * w
+        logits = jnp.einsum(
+            "bkxe,bkye->bkxy",
+            (q * self.scale).reshape(b, self.num_heads, n, -1),
+            k.reshape(b, self.num_heads, n, -1),
+            preferred_element_type=F32,
+        ).astype(F32)
+        if self.use_rel_pos:
+            bias = self._rel_terms(q, w).bias(d, h, w)
+            logits = logits + bias.reshape(b, self.num_heads, n, n)
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum(
+            "bkxy,bkye->bkxe", probs.astype(self.dtype), v.reshape(b, self.num_heads, n, -1)
+        )
+        out = out.reshape(b, self.num_heads, d, h, w, -1).transpose(0, 2, 3, 4, 1, 5)
+        return self.proj(out.reshape(b, d, h, w, c))
+
+
+def window_partition(x: Array, ws: int) -> tuple[Array, tuple[int, int, int]]:
+    """Zero-pad (B, D, H, W, C) at the high end to multiples of ws and cut into windows.
+
+    Windows are ordered batch-major, then row-major over the window grid; returns
+    (B * nD * nH * nW, ws, ws, ws, C) and the padded sizes.
+    """
+    b, d, h, w, c = x.shape
+    pd, ph, pw = (-d) % ws, (-h) % ws, (-w) % ws
+    x = jnp.pad(x, ((0, 0), (0, pd), (0, ph), (0, pw), (0, 0)))
+    dp, hp, wp = d + pd, h + ph, w + pw
+    x = x.reshape(b, dp // ws, ws, hp // ws, ws, wp // ws, ws, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, ws, ws, ws, c)
+    return x, (dp, hp, wp)
+
+
+def window_unpartition(x: Array, ws: int, padded: tuple[int, int, int], size: tuple[int, int, int]):
+    """Inverse of `window_partition`, cropping the padding away."""
+    dp, hp, wp = padded
+    c = x.shape[-1]
+    x = x.reshape(-1, dp // ws, hp // ws, wp // ws, ws, ws, ws, c)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(-1, dp, hp, wp, c)
+    return x[:, : size[0], : size[1], : size[2]]
+
+
+def windowed_attention_exact(attn: Attention, x: Array, ws: int) -> Array:
+    """Window attention over real tokens plus the closed-form padding term.
+
+    Windows are grouped by how many real tokens they hold along each axis (full windows, and
+    the partial last window of an axis), so every group has static shapes.
+    """
+    b, d, h, w, c = x.shape
+    out = jnp.zeros_like(x, dtype=F32)
+    per_axis = []
+    for n in (d, h, w):
+        full, rem = divmod(n, ws)
+        groups = []
+        if full:
+            groups.append((0, full, ws))  # (first window, count, real tokens per window)
+        if rem:
+            groups.append((full, 1, rem))
+        per_axis.append(groups)
+    for gd, gh, gw in itertools.product(*per_axis):
+        sl = x[
+            :,
+            gd[0] * ws : gd[0] * ws + gd[1] * gd[2],
+            gh[0] * ws : gh[0] * ws + gh[1] * gh[2],
+            gw[0] * ws : gw[0] * ws + gw[1] * gw[2],
+        ]
+        nd, nh, nw = gd[1], gh[1], gw[1]
+        rd, rh, rw = gd[2], gh[2], gw[2]
+        win = sl.reshape(b, nd, rd, nh, rh, nw, rw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+        win = win.reshape(b * nd * nh * nw, rd, rh, rw, c)
+        y = attn.attend(win, window=ws).astype(F32)
+        y = y.reshape(b, nd, nh, nw, rd, rh, rw, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+        y = y.reshape(b, nd * rd, nh * rh, nw * rw, c)
+        out = out.at[
+            :,
+            gd[0] * ws : gd[0] * ws + nd * rd,
+            gh[0] * ws : gh[0] * ws + nh * rh,
+            gw[0] * ws : gw[0] * ws + nw * rw,
+        ].set(y)
+    return out
+
+
+class Block3D(nnx.Module):
+    """Pre-norm transformer block; windowed or global attention."""
+
+    def __init__(self, cfg: Sam3DConfig, windowed: bool, *, rngs: nnx.Rngs):
+        dim = cfg.encoder_embed_dim
+        self.norm1 = LayerNorm(dim, epsilon=cfg.encoder_norm_eps, rngs=rngs)
+        self.window_size = cfg.window_size if windowed else 0
+        self.attn = Attention(
+            cfg, cfg.window_size if windowed else cfg.grid_size, rngs=rngs
+        )
+        self.norm2 = LayerNorm(dim, epsilon=cfg.encoder_norm_eps, rngs=rngs)
+        self.mlp = MLPBlock(
+            dim, int(dim * cfg.mlp_ratio), act="gelu", dtype=cfg.compute_dtype, rngs=rngs
+        )
+        self.window_attention = cfg.window_attention
+
+    def __call__(self, x: Array) -> Array:
+        """x: (B, D, H, W, C) float32 residual stream."""
+        h = self.norm1(x)
+        ws = self.window_size
+        if ws == 0:
+            h = self.attn.attend(h)
+        elif self.window_attention == "padded":
+            size = h.shape[1:4]
+            wins, padded = window_partition(h, ws)
+            h = window_unpartition(self.attn.attend_padded(wins), ws, padded, size)
+        else:
+            h = windowed_attention_exact(self.attn, h, ws)
+        x = x + h.astype(F32)
+        return x + self.mlp(self.norm2(x)).astype(F32)
+
+
+class ImageEncoderViT3D(nnx.Module):
+    """Patch embedding, absolute positions, ViT blocks and the conv neck."""
+
+    def __init__(self, cfg: Sam3DConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        g = cfg.grid_size
+        self.patch_embed = PatchEmbed3D(cfg, rngs=rngs)
+        if cfg.use_abs_pos:
+            self.pos_embed = nnx.Param(
+                jnp.zeros((1, g, g, g, cfg.encoder_embed_dim), F32),
+                logical_axes=(None, None, None, None, "embed"),
+            )
+        self.blocks = nnx.List(
+            [Block3D(cfg, cfg.is_windowed(i), rngs=rngs) for i in range(cfg.encoder_depth)]
+        )
+        out, dtype = cfg.prompt_embed_dim, cfg.compute_dtype
+        self.neck = nnx.List(
+            [
+                conv3d(cfg.encoder_embed_dim, out, 1, use_bias=False, dtype=dtype, rngs=rngs),
+                LayerNorm(out, epsilon=1e-6, rngs=rngs),
+                conv3d(out, out, 3, padding=1, use_bias=False, dtype=dtype, rngs=rngs),
+                LayerNorm(out, epsilon=1e-6, rngs=rngs),
+            ]
+        )
+
+    def embed_patches(self, x: Array) -> Array:
+        """x: (B, D, H, W, C_in) -> tokens (B, g, g, g, C) with absolute positions added."""
+        x = self.patch_embed(x).astype(F32)
+        if self.cfg.use_abs_pos:
+            x = x + self.pos_embed[...]
+        return x
+
+    def neck_forward(self, x: Array) -> Array:
+        for i, layer in enumerate(self.neck):
+            x = layer(x.astype(self.cfg.compute_dtype) if i % 2 == 0 else x)
+        return x.astype(F32)
+
+    def __call__(self, x: Array) -> Array:
+        """x: (B, S, S, S, C_in) volume -> image embedding (B, g, g, g, prompt_embed_dim)."""
+        x = self.embed_patches(x)
+        for block in self.blocks:
+            x = _maybe_remat(block, self.cfg.remat)(x)
+        return self.neck_forward(x)
+
+
+def _maybe_remat(block: Block3D, remat: bool):
+    """The block itself, or a version whose activations are recomputed in the backward pass."""
+    if not remat:
+        return block
+
+    @nnx.remat
+    def run(blk: Block3D, x: Array) -> Array:
+        return blk(x)
+
+    return lambda x: run(block, x)
+
+
+__all__ = ["Attention", "Block3D", "ImageEncoderViT3D", "PatchEmbed3D", "gelu"]

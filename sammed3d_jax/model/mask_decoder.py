@@ -1,0 +1,121 @@
+"""Mask decoder (`MaskDecoder3D`): two-way transformer, upscaling, hypernetworks, IoU head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sammed3d_jax.model.common import MLP, ConvTranspose3dK2, Embedding, LayerNorm, gelu
+from sammed3d_jax.model.config import Sam3DConfig
+from sammed3d_jax.model.transformer import TwoWayTransformer3D
+
+Array = jax.Array
+F32 = jnp.float32
+
+
+class MaskDecoder3D(nnx.Module):
+    def __init__(self, cfg: Sam3DConfig, *, rngs: nnx.Rngs):
+        c, dtype = cfg.prompt_embed_dim, cfg.compute_dtype
+        self.transformer = TwoWayTransformer3D(cfg, rngs=rngs)
+        self.num_mask_tokens = cfg.num_multimask_outputs + 1
+        self.iou_token = Embedding(1, c, rngs=rngs)
+        self.mask_tokens = Embedding(self.num_mask_tokens, c, rngs=rngs)
+        self.output_upscaling = nnx.Dict(
+            {
+                "0": ConvTranspose3dK2(c, c // 4, dtype=dtype, rngs=rngs),
+                "1": LayerNorm(c // 4, epsilon=1e-6, rngs=rngs),
+                "3": ConvTranspose3dK2(c // 4, c // 8, dtype=dtype, rngs=rngs),
+            }
+        )
+        self.output_hypernetworks_mlps = nnx.List(
+            [MLP(c, c, c // 8, 3, dtype=dtype, rngs=rngs) for _ in range(self.num_mask_tokens)]
+        )
+        self.iou_prediction_head = MLP(
+            c, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth, dtype=dtype, rngs=rngs
+        )
+        self.dtype = dtype
+
+    def predict_masks(
+        self,
+        image_embeddings: Array,
+        image_pe: Array,
+        sparse: Array,
+        dense: Array,
+        sparse_mask: Array | None = None,
+        return_intermediates: bool = False,
+    ):
+        """All mask-token outputs: masks (B, M, 4g, 4g, 4g) float32 and IoU (B, M).
+
+        With `return_intermediates`, also a dict with the transformer outputs
+        (`transformer_queries` (B, T, C), `transformer_keys` (B, g^3, C)) and the
+        `upscaled_embedding` (B, 4g, 4g, 4g, C/8).
+        """
+        b = sparse.shape[0]
+        output_tokens = jnp.concatenate(
+            [self.iou_token.embedding[...], self.mask_tokens.embedding[...]], axis=0
+        )
+        n_out = output_tokens.shape[0]
+        tokens = jnp.concatenate(
+            [jnp.broadcast_to(output_tokens[None], (b, n_out, output_tokens.shape[1])), sparse.astype(F32)],
+            axis=1,
+        )
+        token_mask = None
+        if sparse_mask is not None:
+            token_mask = jnp.concatenate([jnp.ones((b, n_out), bool), sparse_mask.astype(bool)], axis=1)
+        bi = image_embeddings.shape[0]
+        if bi != b:
+            if bi != 1:
+                raise ValueError(
+                    f"image embeddings have batch {bi} but prompts have batch {b}; "
+                    "the batches must match or the image batch must be 1"
+                )
+            image_embeddings = jnp.broadcast_to(image_embeddings, (b, *image_embeddings.shape[1:]))
+        src = image_embeddings.astype(F32) + dense.astype(F32)
+        pos = jnp.broadcast_to(image_pe, (b, *image_pe.shape[1:])).astype(F32)
+        g = src.shape[1:4]
+        hs, src = self.transformer(src, pos, tokens, token_mask)
+        iou_token_out = hs[:, 0]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
+
+        up = self.output_upscaling
+        x = src.reshape(b, *g, -1)
+        x = gelu(up["1"](up["0"](x)))
+        x = gelu(up["3"](x.astype(self.dtype)).astype(F32))
+        hyper = jnp.stack(
+            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            axis=1,
+        )  # (B, M, C/8)
+        masks = jnp.einsum(
+            "bmc,bdhwc->bmdhw", hyper.astype(self.dtype), x.astype(self.dtype), preferred_element_type=F32
+        ).astype(F32)
+        iou_pred = self.iou_prediction_head(iou_token_out).astype(F32)
+        if return_intermediates:
+            inter = {"transformer_queries": hs, "transformer_keys": src, "upscaled_embedding": x}
+            return masks, iou_pred, inter
+        return masks, iou_pred
+
+    def __call__(
+        self,
+        image_embeddings: Array,
+        image_pe: Array,
+        sparse: Array,
+        dense: Array,
+        multimask_output: bool = False,
+        sparse_mask: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """Decode masks.
+
+        Args:
+          image_embeddings: (B or 1, g, g, g, C) from the image encoder.
+          image_pe: (1, g, g, g, C) dense positional encoding.
+          sparse: (B, T, C) point embeddings; dense: (B, g, g, g, C) mask embeddings.
+          multimask_output: False -> mask token 0 only; True -> tokens 1..M-1.
+          sparse_mask: optional (B, T) validity of the sparse tokens.
+
+        Returns:
+          low-res mask logits (B, 1 or M-1, 4g, 4g, 4g) and IoU predictions (B, 1 or M-1).
+        """
+        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse, dense, sparse_mask)
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sl], iou[:, sl]

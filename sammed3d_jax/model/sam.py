@@ -1,0 +1,145 @@
+"""`Sam3D`: the three parts wired together, with the image embedding reusable across clicks.
+
+Shapes (S = img_size, g = S / patch, L = 4g the low-res mask side):
+  volumes             (B, S, S, S) or (B, S, S, S, C_in), z-normalised, axes A0, A1, A2
+  image embeddings    (B, g, g, g, C)
+  points / labels     (B, N, 3) voxel coordinates in A0, A1, A2 order / (B, N) in {1, 0, -1}
+  low-res logits      (B, M, L, L, L)
+  full-res logits     (B, M, S, S, S)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from sammed3d_jax.model.common import upsample_logits
+from sammed3d_jax.model.config import Sam3DConfig
+from sammed3d_jax.model.image_encoder import ImageEncoderViT3D
+from sammed3d_jax.model.mask_decoder import MaskDecoder3D
+from sammed3d_jax.model.prompt_encoder import PromptEncoder3D
+
+Array = jax.Array
+
+
+@struct.dataclass
+class Sam3DOutput:
+    """Decoder output for one prompt batch.
+
+    low_res_logits: (B, M, L, L, L) raw logits; feed back as `mask_input` on the next click.
+    iou_predictions: (B, M) (never trained in the released weights; see README).
+    """
+
+    low_res_logits: Array
+    iou_predictions: Array
+
+    def full_res_logits(self, size: int) -> Array:
+        """(B, M, size, size, size) trilinear upsampling, PyTorch `align_corners=False`."""
+        return upsample_logits(self.low_res_logits, size)
+
+    def masks(self, size: int) -> Array:
+        """Binary masks at full resolution: sigmoid(logits) > 0.5, i.e. logits > 0."""
+        return self.full_res_logits(size) > 0
+
+
+class Sam3D(nnx.Module):
+    """SAM-Med3D model: `image_encoder`, `prompt_encoder`, `mask_decoder`."""
+
+    def __init__(self, cfg: Sam3DConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.image_encoder = ImageEncoderViT3D(cfg, rngs=rngs)
+        self.prompt_encoder = PromptEncoder3D(cfg, rngs=rngs)
+        self.mask_decoder = MaskDecoder3D(cfg, rngs=rngs)
+
+    def encode(self, volumes: Array) -> Array:
+        """Image embeddings (B, g, g, g, C) of volumes (B, S, S, S[, C_in])."""
+        if volumes.ndim == 4:
+            volumes = volumes[..., None]
+        cfg = self.config
+        expected = (cfg.img_size,) * 3 + (cfg.in_chans,)
+        if tuple(volumes.shape[1:]) != expected:
+            raise ValueError(
+                f"volumes must have shape (B, {', '.join(map(str, expected))}), got {volumes.shape}"
+            )
+        return self.image_encoder(volumes)
+
+    def decode(
+        self,
+        image_embeddings: Array,
+        points: Array | None = None,
+        labels: Array | None = None,
+        mask_input: Array | None = None,
+        *,
+        point_mask: Array | None = None,
+        multimask_output: bool = False,
+        batch_size: int | None = None,
+    ) -> Sam3DOutput:
+        """Prompt encoder + mask decoder for one interaction.
+
+        Args:
+          image_embeddings: (B or 1, g, g, g, C) from `encode`.
+          points: optional (B, N, 3) float voxel coordinates of the S^3 input (A0, A1, A2).
+          labels: (B, N) int: 1 foreground, 0 background, -1 ignored.
+          mask_input: optional previous low-res logits (B, L, L, L) or (B, 1, L, L, L); None
+            uses the (untrained in the released weights) `no_mask_embed`. The original's
+            interactive loops pass zeros on the first click.
+          point_mask: optional (B, N) bool; False slots are ignored exactly.
+          multimask_output: False -> one mask; True -> the 3 multimask outputs.
+          batch_size: prompt batch when neither points nor masks are given.
+        """
+        if (points is None) != (labels is None):
+            raise ValueError("points and labels must be given together")
+        if mask_input is not None and mask_input.ndim == 5:
+            if mask_input.shape[1] != 1:
+                raise ValueError(f"mask_input must have one channel, got shape {mask_input.shape}")
+            mask_input = mask_input[:, 0]
+        if batch_size is None and points is None and mask_input is None:
+            batch_size = image_embeddings.shape[0]
+        sparse, dense, valid = self.prompt_encoder(
+            (points, labels) if points is not None else None,
+            mask_input,
+            batch_size=batch_size,
+            point_mask=point_mask,
+        )
+        low, iou = self.mask_decoder(
+            image_embeddings,
+            self.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+            multimask_output=multimask_output,
+            sparse_mask=valid if point_mask is not None else None,
+        )
+        return Sam3DOutput(low_res_logits=low, iou_predictions=iou)
+
+    def __call__(
+        self,
+        volumes: Array,
+        points: Array | None = None,
+        labels: Array | None = None,
+        mask_input: Array | None = None,
+        multimask_output: bool = False,
+    ) -> Sam3DOutput:
+        """Encode and decode in one call (one prompt set per volume)."""
+        emb = self.encode(volumes)
+        return self.decode(emb, points, labels, mask_input, multimask_output=multimask_output)
+
+
+def build_sam3d(cfg: Sam3DConfig | str = "vit_b_ori", seed: int = 0) -> Sam3D:
+    """A randomly initialised model (PyTorch's default initialisation scheme)."""
+    if isinstance(cfg, str):
+        cfg = Sam3DConfig.from_variant(cfg)
+    return Sam3D(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_sam3d(cfg: Sam3DConfig | str = "vit_b_ori") -> Sam3D:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes at zero memory."""
+    if isinstance(cfg, str):
+        cfg = Sam3DConfig.from_variant(cfg)
+    return nnx.eval_shape(lambda: Sam3D(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (buffers such as the Fourier matrix excluded)."""
+    state = nnx.state(model, nnx.Param)
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(state)))
