@@ -1,0 +1,195 @@
+"""NIfTI input/output with validation.
+
+Axis convention: every array is in nibabel voxel-index order ``(i, j, k)`` — exactly
+``np.asarray(nib.load(path).dataobj)`` — which is also the axis order of the original
+SAM-Med3D's torchio tensors ``(1, i, j, k)`` (SimpleITK's ``GetArrayFromImage`` gives the
+reverse, ``(k, j, i)``). Affines are nibabel's 4×4 float64 RAS+ affines mapping
+``(i, j, k, 1)`` to millimetres. A 3D patch embedding is not symmetric in its axes, so this
+order must never be swapped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["Volume", "VolumeError", "check_same_grid", "load_volume", "save_mask"]
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+GRID_ATOL_MM = 1e-4
+
+
+class VolumeError(ValueError):
+    """An input volume is unusable; the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Volume:
+    """A 3D volume and its grid.
+
+    Attributes:
+      array: voxel data ``(i, j, k)`` in the file's own dtype (scaling applied only when the
+        header asks for it, which makes the data floating point).
+      affine: (4, 4) float64 RAS affine, voxel index → mm.
+      path: the file it came from (None when built in memory).
+      header: the NIfTI header it was read with, kept so masks can be written on the same
+        grid with the same qform/sform codes (None when built in memory).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path | None = None
+    header: nib.Nifti1Header | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.array.shape)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm per array axis (column norms of the affine)."""
+        rzs = self.affine[:3, :3]
+        return np.sqrt(np.sum(rzs * rzs, axis=0))
+
+
+def load_volume(path: str | os.PathLike, *, kind: Literal["image", "label"] = "image") -> Volume:
+    """Load a 3D NIfTI volume.
+
+    Args:
+      path: a ``.nii`` or ``.nii.gz`` file.
+      kind: ``"image"`` or ``"label"``; only used in error messages (both are checked for
+        NaN/inf voxels: a label map cannot hold them meaningfully either).
+
+    Returns:
+      A :class:`Volume` with the array in ``(i, j, k)`` order. A 4D file whose trailing
+      dimensions are all 1 is squeezed to 3D.
+
+    Raises:
+      VolumeError: missing file, unreadable/not NIfTI, not 3D, non-finite voxels, or a
+        non-invertible affine. The message names the file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise VolumeError(f"{p}: file not found")
+    if not p.is_file():
+        raise VolumeError(f"{p}: not a regular file")
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:  # nibabel raises several unrelated exception types
+        raise VolumeError(f"{p}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise VolumeError(f"{p}: not a NIfTI image (nibabel read it as {type(img).__name__})")
+    shape = img.shape
+    if len(shape) < 3:
+        raise VolumeError(f"{p}: expected a 3D volume, got {len(shape)}D shape {shape}")
+    if len(shape) > 3:
+        if any(s != 1 for s in shape[3:]):
+            raise VolumeError(
+                f"{p}: expected a 3D volume, got {len(shape)}D shape {shape} "
+                "(only trailing singleton dimensions can be dropped)"
+            )
+    try:
+        array = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise VolumeError(f"{p}: cannot read voxel data ({type(exc).__name__}: {exc})") from exc
+    array = np.asarray(array)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if array.ndim > 3:
+        array = array.reshape(shape[:3])
+    if min(array.shape) < 1:
+        raise VolumeError(f"{p}: empty volume, shape {array.shape}")
+    if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            raise VolumeError(f"{p}: {int(bad.sum())} non-finite (NaN/inf) voxels in the {kind}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_affine(affine, p)
+    header = img.header.copy()
+    return Volume(array=array, affine=affine, path=p, header=header)
+
+
+def _check_affine(affine: np.ndarray, path: Path | None) -> None:
+    where = f"{path}: " if path is not None else ""
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise VolumeError(f"{where}affine is not a finite 4x4 matrix")
+    rzs = affine[:3, :3]
+    spacing = np.sqrt(np.sum(rzs * rzs, axis=0))
+    if np.any(spacing <= 0) or abs(np.linalg.det(rzs)) <= 1e-12 * max(1.0, np.prod(spacing)):
+        raise VolumeError(f"{where}affine is not invertible:\n{affine}")
+
+
+def check_same_grid(image: Volume, label: Volume, atol: float = GRID_ATOL_MM) -> None:
+    """Raise :class:`VolumeError` unless both volumes share shape and affine (``atol`` mm)."""
+    names = f"{image.path or '<image>'} vs {label.path or '<label>'}"
+    if tuple(image.array.shape) != tuple(label.array.shape):
+        raise VolumeError(
+            f"{names}: grid mismatch, shapes {tuple(image.array.shape)} != "
+            f"{tuple(label.array.shape)}"
+        )
+    diff = np.abs(np.asarray(image.affine) - np.asarray(label.affine))
+    if not np.all(diff <= atol):
+        raise VolumeError(
+            f"{names}: grid mismatch, affines differ by up to {diff.max():.3g} mm "
+            f"(tolerance {atol} mm)"
+        )
+
+
+def _nifti_suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in _NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    raise VolumeError(f"{path}: output name must end in .nii or .nii.gz")
+
+
+def save_mask(path: str | os.PathLike, array: np.ndarray, like: Volume) -> Path:
+    """Write a uint8 mask on exactly ``like``'s grid, atomically.
+
+    Args:
+      path: destination ``.nii`` / ``.nii.gz``.
+      array: ``(i, j, k)`` mask with ``like``'s shape; values must fit in uint8.
+      like: the volume whose shape, affine and qform/sform codes are copied.
+
+    Returns:
+      The written path. The file is first written next to the destination and then moved
+      over it with ``os.replace``, so readers never see a partial file.
+    """
+    dst = Path(path)
+    suffix = _nifti_suffix(dst)
+    data = np.asarray(array)
+    if data.shape != tuple(like.array.shape):
+        raise VolumeError(f"{dst}: mask shape {data.shape} != grid shape {like.array.shape}")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise VolumeError(f"{dst}: mask values outside 0..255 cannot be stored as uint8")
+    data = data.astype(np.uint8)
+    affine = np.asarray(like.affine, dtype=np.float64)
+    if isinstance(like.header, nib.Nifti1Header):
+        # Copy the raw qform/sform fields and codes rather than refitting them from the
+        # float64 affine, so the written grid is bit-identical to the source file's.
+        header = like.header.copy()
+        header["cal_min"], header["cal_max"] = 0, 0
+    else:
+        header = nib.Nifti1Header()
+        header.set_qform(affine, code=1)
+        header.set_sform(affine, code=1)
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1.0, 0.0)
+    img = nib.Nifti1Image(data, affine, header=header)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix, dir=dst.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp_name)
+        os.replace(tmp_name, dst)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return dst
