@@ -170,10 +170,12 @@ def torch_to_flax_state(
             if items:
                 lines.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
         raise ConversionError(
-            f"state dict does not match the model configuration:\n" + "\n".join(lines)
+            "state dict does not match the model configuration:\n" + "\n".join(lines)
         )
     nested = _unflatten(filled)
-    num_params = sum(v.size for p, v in filled.items() if p[-1] != "positional_encoding_gaussian_matrix")
+    num_params = sum(
+        v.size for p, v in filled.items() if p[-1] != "positional_encoding_gaussian_matrix"
+    )
     report = ConversionReport(
         num_torch_keys=len(state_dict),
         num_flax_leaves=len(filled),

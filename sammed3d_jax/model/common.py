@@ -8,6 +8,7 @@ Parameters carry a `logical_axes` metadata entry that `sammed3d_jax.sharding` ma
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -168,7 +169,7 @@ class MLP(nnx.Module):
         self.layers = nnx.List(
             [
                 linear(a, b, axes=("embed_prompt", "mlp"), dtype=dtype, rngs=rngs)
-                for a, b in zip(dims[:-1], dims[1:])
+                for a, b in itertools.pairwise(dims)
             ]
         )
 
@@ -222,12 +223,14 @@ def upsample_linear_axis(x: Array, axis: int, out_size: int) -> Array:
     does not depend on the matmul precision).
     """
     n = x.shape[axis]
-    scale = n / out_size
-    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    # Source positions in float32, as PyTorch computes them for float32 inputs.
+    f32 = np.float32
+    scale = f32(n) / f32(out_size)
+    src = np.maximum((np.arange(out_size, dtype=f32) + f32(0.5)) * scale - f32(0.5), f32(0.0))
     i0 = np.floor(src).astype(np.int32)
     i1 = np.minimum(i0 + 1, n - 1)
-    w1 = (src - i0).astype(np.float32)
-    w0 = (1.0 - w1).astype(np.float32)
+    w1 = np.minimum(np.maximum(src - i0.astype(f32), f32(0.0)), f32(1.0))
+    w0 = f32(1.0) - w1
     shape = [1] * x.ndim
     shape[axis] = out_size
     a = jnp.take(x, jnp.asarray(i0), axis=axis)

@@ -72,11 +72,15 @@ class Sam3DConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(
-            self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes)
+            self,
+            "encoder_global_attn_indexes",
+            tuple(int(i) for i in self.encoder_global_attn_indexes),
         )
         problems = []
         if self.img_size % self.patch_size:
-            problems.append(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+            problems.append(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
         if self.encoder_embed_dim % self.encoder_num_heads:
             problems.append(
                 f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by "
@@ -93,13 +97,17 @@ class Sam3DConfig:
             problems.append(f"mask_in_chans {self.mask_in_chans} is not divisible by 4")
         bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
         if bad:
-            problems.append(f"encoder_global_attn_indexes {bad} outside 0..{self.encoder_depth - 1}")
+            problems.append(
+                f"encoder_global_attn_indexes {bad} outside 0..{self.encoder_depth - 1}"
+            )
         if self.window_size < 0:
             problems.append("window_size must be >= 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
         if self.window_attention not in ("exact", "padded"):
-            problems.append(f"window_attention {self.window_attention!r} is not 'exact' or 'padded'")
+            problems.append(
+                f"window_attention {self.window_attention!r} is not 'exact' or 'padded'"
+            )
         if problems:
             raise ValueError("invalid Sam3DConfig: " + "; ".join(problems))
 

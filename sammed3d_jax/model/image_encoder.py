@@ -147,7 +147,9 @@ class Attention(nnx.Module):
         q = q.astype(F32)
         if extent > nw:
             b_q = self._bias_parts()[0]
-            pad = jnp.broadcast_to(b_q[None, :, None, None, None, :], (b, k, nd, nh, extent - nw, e))
+            pad = jnp.broadcast_to(
+                b_q[None, :, None, None, None, :], (b, k, nd, nh, extent - nw, e)
+            )
             q_ext = jnp.concatenate([q, pad], axis=4)
         else:
             q_ext = q
@@ -187,7 +189,9 @@ class Attention(nnx.Module):
             out = jnp.einsum("bkxy,bkye->bkxe", probs.astype(self.dtype), values)
         else:
             pad_logit = self._padding_logit(q, (d, h, w), window, terms)
-            probs = jax.nn.softmax(jnp.concatenate([logits, pad_logit[..., None]], axis=-1), axis=-1)
+            probs = jax.nn.softmax(
+                jnp.concatenate([logits, pad_logit[..., None]], axis=-1), axis=-1
+            )
             b_v = self._bias_parts()[2][None, :, None, :].astype(self.dtype)
             out = jnp.einsum("bkxy,bkye->bkxe", probs[..., :n].astype(self.dtype), values)
             out = out + probs[..., n:].astype(self.dtype) * b_v
@@ -214,9 +218,7 @@ class Attention(nnx.Module):
             sb_all, sb_real = lse(terms.b, axis=4), lse(terms.b[:, :, :, :, :nd], axis=4)
             sc_all, sc_real = lse(terms.c, axis=4), lse(terms.c[:, :, :, :, :nh], axis=4)
             t_all = lse(terms.a + (sb_all + sc_all)[:, :, :, :, None, :], axis=-1)
-            t_real = lse(
-                terms.a[..., :nw] + (sb_real + sc_real)[:, :, :, :, None, :nw], axis=-1
-            )
+            t_real = lse(terms.a[..., :nw] + (sb_real + sc_real)[:, :, :, :, None, :nw], axis=-1)
             log_pad = t_all + jnp.log(-jnp.expm1(t_real - t_all))
         return (base + log_pad).reshape(b, self.num_heads, -1)
 
@@ -316,9 +318,7 @@ class Block3D(nnx.Module):
         dim = cfg.encoder_embed_dim
         self.norm1 = LayerNorm(dim, epsilon=cfg.encoder_norm_eps, rngs=rngs)
         self.window_size = cfg.window_size if windowed else 0
-        self.attn = Attention(
-            cfg, cfg.window_size if windowed else cfg.grid_size, rngs=rngs
-        )
+        self.attn = Attention(cfg, cfg.window_size if windowed else cfg.grid_size, rngs=rngs)
         self.norm2 = LayerNorm(dim, epsilon=cfg.encoder_norm_eps, rngs=rngs)
         self.mlp = MLPBlock(
             dim, int(dim * cfg.mlp_ratio), act="gelu", dtype=cfg.compute_dtype, rngs=rngs

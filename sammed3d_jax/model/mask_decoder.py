@@ -32,7 +32,12 @@ class MaskDecoder3D(nnx.Module):
             [MLP(c, c, c // 8, 3, dtype=dtype, rngs=rngs) for _ in range(self.num_mask_tokens)]
         )
         self.iou_prediction_head = MLP(
-            c, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth, dtype=dtype, rngs=rngs
+            c,
+            cfg.iou_head_hidden_dim,
+            self.num_mask_tokens,
+            cfg.iou_head_depth,
+            dtype=dtype,
+            rngs=rngs,
         )
         self.dtype = dtype
 
@@ -57,12 +62,17 @@ class MaskDecoder3D(nnx.Module):
         )
         n_out = output_tokens.shape[0]
         tokens = jnp.concatenate(
-            [jnp.broadcast_to(output_tokens[None], (b, n_out, output_tokens.shape[1])), sparse.astype(F32)],
+            [
+                jnp.broadcast_to(output_tokens[None], (b, n_out, output_tokens.shape[1])),
+                sparse.astype(F32),
+            ],
             axis=1,
         )
         token_mask = None
         if sparse_mask is not None:
-            token_mask = jnp.concatenate([jnp.ones((b, n_out), bool), sparse_mask.astype(bool)], axis=1)
+            token_mask = jnp.concatenate(
+                [jnp.ones((b, n_out), bool), sparse_mask.astype(bool)], axis=1
+            )
         bi = image_embeddings.shape[0]
         if bi != b:
             if bi != 1:
@@ -87,7 +97,10 @@ class MaskDecoder3D(nnx.Module):
             axis=1,
         )  # (B, M, C/8)
         masks = jnp.einsum(
-            "bmc,bdhwc->bmdhw", hyper.astype(self.dtype), x.astype(self.dtype), preferred_element_type=F32
+            "bmc,bdhwc->bmdhw",
+            hyper.astype(self.dtype),
+            x.astype(self.dtype),
+            preferred_element_type=F32,
         ).astype(F32)
         iou_pred = self.iou_prediction_head(iou_token_out).astype(F32)
         if return_intermediates:

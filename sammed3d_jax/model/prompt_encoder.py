@@ -148,5 +148,7 @@ class PromptEncoder3D(nnx.Module):
             dense = self.embed_masks(masks)
         else:
             g = self.image_embedding_size
-            dense = jnp.broadcast_to(self.no_mask_embed.embedding[...].reshape(1, 1, 1, 1, c), (b, *g, c))
+            dense = jnp.broadcast_to(
+                self.no_mask_embed.embedding[...].reshape(1, 1, 1, 1, c), (b, *g, c)
+            )
         return sparse, dense, valid

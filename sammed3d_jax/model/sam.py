@@ -11,7 +11,6 @@ Shapes (S = img_size, g = S / patch, L = 4g the low-res mask side):
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx, struct
 
 from sammed3d_jax.model.common import upsample_logits

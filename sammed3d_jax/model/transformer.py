@@ -103,7 +103,11 @@ class TwoWayTransformer3D(nnx.Module):
             [TwoWayAttentionBlock3D(cfg, i == 0, rngs=rngs) for i in range(cfg.decoder_depth)]
         )
         self.final_attn_token_to_image = DownscaleAttention(
-            c, cfg.decoder_num_heads, cfg.attention_downsample_rate, dtype=cfg.compute_dtype, rngs=rngs
+            c,
+            cfg.decoder_num_heads,
+            cfg.attention_downsample_rate,
+            dtype=cfg.compute_dtype,
+            rngs=rngs,
         )
         self.norm_final_attn = LayerNorm(c, epsilon=DECODER_LN_EPS, rngs=rngs)
 

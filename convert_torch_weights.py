@@ -1,0 +1,114 @@
+"""Convert SAM-Med3D PyTorch weights to a Flax/Orbax checkpoint, and back.
+
+    python convert_torch_weights.py IN.pth OUT_DIR [--verify] [--overwrite]
+    python convert_torch_weights.py --export CKPT_DIR OUT.pth [--bare]
+
+IN.pth may be a bare state dict, a training checkpoint of the original (`model_state_dict`
+plus optimizer state, an `argparse.Namespace`, ...) or a DDP state dict (`module.` keys). It
+is read without PyTorch and nothing in it is executed: only tensors, plain containers and a
+few inert types are accepted. The architecture is inferred from the tensor shapes and saved
+next to the weights. Conversion is strict: any missing, unexpected or mis-shaped key stops it
+with a list, and nothing is written.
+
+--verify runs the converted model against a PyTorch reference (medim's SAM-Med3D modules,
+loaded from the same file) on random inputs and prints max abs/rel differences per output.
+--export writes a converted checkpoint back to a `.pth` that medim and the original load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sammed3d_jax.checkpoint import (
+    CheckpointError,
+    export_pth,
+    load_model,
+    model_from_state_dict,
+    read_torch_checkpoint,
+    save_model,
+    sha256_file,
+)
+from sammed3d_jax.convert.pth import PthError
+from sammed3d_jax.convert.torch_to_jax import ConversionError
+
+
+def convert(src: Path, out_dir: Path, overwrite: bool = False) -> dict:
+    state_dict, info = read_torch_checkpoint(src)
+    model, conv = model_from_state_dict(state_dict)
+    report = {
+        "source": str(src.resolve()),
+        "source_sha256": sha256_file(src),
+        **info,
+        "config": model.config.to_dict(),
+        **conv.to_dict(),
+    }
+    save_model(model, out_dir, report, overwrite=overwrite)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("src", type=Path, help="IN.pth (or CKPT_DIR with --export)")
+    parser.add_argument("dst", type=Path, help="OUT_DIR (or OUT.pth with --export)")
+    parser.add_argument("--verify", action="store_true", help="compare with a PyTorch reference")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    parser.add_argument("--export", action="store_true", help="Flax checkpoint -> .pth")
+    parser.add_argument("--bare", action="store_true", help="with --export: bare state dict")
+    parser.add_argument("--seed", type=int, default=0, help="random inputs for --verify")
+    args = parser.parse_args(argv)
+    try:
+        if args.export:
+            if args.dst.exists() and not args.overwrite:
+                raise CheckpointError(f"{args.dst} already exists (use --overwrite)")
+            model = load_model(args.src)
+            export_pth(model, args.dst, bare=args.bare)
+            print(f"wrote {args.dst} ({'bare state dict' if args.bare else 'model_state_dict'})")
+            return 0
+        if not args.src.is_file():
+            raise CheckpointError(f"{args.src}: no such file")
+        report = convert(args.src, args.dst, overwrite=args.overwrite)
+        cfg = report["config"]
+        print(
+            f"converted {args.src} -> {args.dst}: {report['num_torch_keys']} keys, "
+            f"{report['num_parameters']:,} parameters, weights at {report['weights_found_at']}"
+        )
+        print(
+            "architecture: "
+            + ", ".join(
+                f"{k}={cfg[k]}"
+                for k in (
+                    "img_size",
+                    "patch_size",
+                    "encoder_embed_dim",
+                    "encoder_depth",
+                    "encoder_num_heads",
+                    "window_size",
+                    "encoder_global_attn_indexes",
+                    "prompt_embed_dim",
+                )
+            )
+        )
+        if args.verify:
+            from sammed3d_jax.convert.verify import verify_against_torch
+
+            result = verify_against_torch(args.src, args.dst, seed=args.seed)
+            for name, v in result["outputs"].items():
+                flag = "ok" if v["ok"] else "FAIL"
+                print(
+                    f"  {name:24s} max_abs {v['max_abs']:.3e}  max_rel {v['max_rel']:.3e}  {flag}"
+                )
+            print(json.dumps(result))
+            return 0 if result["ok"] else 1
+        return 0
+    except (PthError, ConversionError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

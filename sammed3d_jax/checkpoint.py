@@ -1,0 +1,206 @@
+"""Loading and saving model weights: converted Orbax checkpoints and PyTorch `.pth` files.
+
+A converted checkpoint is a directory:
+
+    OUT_DIR/
+      params/                 Orbax checkpoint of the Flax parameter tree (float32)
+      config.json             the `Sam3DConfig` (architecture inferred from the weights)
+      conversion_report.json  source file and hash, where the weights were found, mapping
+
+It is written to a temporary sibling directory and renamed into place, so a failed
+conversion never leaves a partial directory behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sammed3d_jax.convert.pth import find_state_dict, load_pth, save_pth
+from sammed3d_jax.convert.torch_to_jax import (
+    flax_state_to_torch,
+    infer_config,
+    strip_prefix,
+    torch_to_flax_state,
+)
+from sammed3d_jax.model.config import Sam3DConfig
+from sammed3d_jax.model.sam import Sam3D
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+REPORT_FILE = "conversion_report.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path is missing, unreadable or not a model checkpoint."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Weights of a `.pth` file (any of the original's layouts) plus a description.
+
+    Never imports torch and never runs code from the file.
+    """
+    obj = load_pth(path)
+    state_dict, where = find_state_dict(obj)
+    state_dict = dict(state_dict)
+    prefixed = bool(state_dict) and all(k.startswith("module.") for k in state_dict)
+    info: dict[str, Any] = {"weights_found_at": where, "ddp_prefix_stripped": prefixed}
+    if isinstance(obj, dict) and where != "top level":
+        info["other_top_level_keys"] = sorted(str(k) for k in obj if k != "model_state_dict")
+        if "epoch" in obj and isinstance(obj["epoch"], int):
+            info["epoch"] = obj["epoch"]
+    return strip_prefix(state_dict), info
+
+
+def model_from_state_dict(
+    state_dict: dict[str, np.ndarray], cfg: Sam3DConfig | None = None, **config_overrides: Any
+) -> tuple[Sam3D, Any]:
+    """A `Sam3D` filled from a PyTorch state dict (architecture inferred when cfg is None)."""
+    if cfg is None:
+        cfg = infer_config(state_dict)
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    nested, report = torch_to_flax_state(state_dict, cfg)
+    model = nnx.eval_shape(lambda: Sam3D(cfg, rngs=nnx.Rngs(0)))
+    _fill(model, nested)
+    return model, report
+
+
+def _fill(model: Sam3D, nested: dict) -> None:
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, nested))
+    nnx.update(model, state)
+
+
+def _atomic_dir(out_dir: Path, overwrite: bool):
+    """Context manager: yields a temp dir that becomes `out_dir` on success."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists() and not overwrite:
+            raise CheckpointError(f"{out_dir} already exists (pass overwrite to replace it)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            yield tmp
+            if out_dir.exists():
+                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+                os.replace(out_dir, old)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    return cm()
+
+
+def save_model(
+    model: Sam3D,
+    out_dir: str | os.PathLike,
+    report: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model`'s weights and config as a converted checkpoint directory."""
+    out_dir = Path(out_dir).absolute()
+    pure = nnx.to_pure_dict(nnx.state(model))
+    pure = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), pure)
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / PARAMS_DIR, _stringify_keys(pure))
+        ckptr.wait_until_finished()
+        (tmp / CONFIG_FILE).write_text(model.config.replace(dtype="float32").to_json() + "\n")
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    return out_dir
+
+
+def _stringify_keys(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {str(k): _stringify_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _restore_int_keys(tree: Any, like: Any) -> Any:
+    if isinstance(like, dict):
+        return {k: _restore_int_keys(tree[str(k)], v) for k, v in like.items()}
+    return tree
+
+
+def load_config(path: str | os.PathLike) -> Sam3DConfig:
+    path = Path(path)
+    f = path / CONFIG_FILE if path.is_dir() else path
+    try:
+        return Sam3DConfig.from_dict(json.loads(f.read_text()))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: no {CONFIG_FILE}; is this a converted checkpoint?") from e
+    except (json.JSONDecodeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{f}: invalid model config: {e}") from e
+
+
+def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
+    """Load a model from a converted checkpoint directory or directly from a `.pth` file.
+
+    `config_overrides` change numerics only (e.g. ``dtype="bfloat16"``,
+    ``window_attention="padded"``); the architecture always comes from the checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file():
+        state_dict, _ = read_torch_checkpoint(path)
+        model, _ = model_from_state_dict(state_dict, **config_overrides)
+        return model
+    cfg = load_config(path)
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    model = nnx.eval_shape(lambda: Sam3D(cfg, rngs=nnx.Rngs(0)))
+    like = nnx.to_pure_dict(nnx.state(model))
+    target = _stringify_keys(
+        jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), like)
+    )
+    params = path / PARAMS_DIR
+    if not params.exists():
+        raise CheckpointError(
+            f"{path}: no {PARAMS_DIR}/ directory; is this a converted checkpoint?"
+        )
+    try:
+        restored = ocp.StandardCheckpointer().restore(params.absolute(), target)
+    except Exception as e:  # orbax raises many types for structure/shape mismatches
+        raise CheckpointError(f"{params}: cannot restore parameters: {e}") from e
+    _fill(model, _restore_int_keys(restored, like))
+    return model
+
+
+def export_pth(model: Sam3D, out_path: str | os.PathLike, bare: bool = False) -> Path:
+    """Write a `.pth` the original code and medim load: ``{"model_state_dict": ...}``.
+
+    With `bare`, the file holds the state dict itself (what `build_sam3D(checkpoint=...)`
+    expects). Written atomically; no PyTorch needed.
+    """
+    state_dict = flax_state_to_torch(nnx.state(model))
+    obj = state_dict if bare else {"model_state_dict": state_dict}
+    save_pth(out_path, obj)
+    return Path(out_path)

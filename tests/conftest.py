@@ -1,0 +1,39 @@
+"""Shared test fixtures: locations of the bundled fixtures and of the optional shared folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def shared_root() -> Path | None:
+    """The shared golden/data folder: $SAMMED3D_SHARED, else ../shared next to the repo."""
+    env = os.environ.get("SAMMED3D_SHARED")
+    path = Path(env) if env else REPO.parent / "shared"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    root = shared_root()
+    if root is None:
+        pytest.skip("shared folder (../shared or $SAMMED3D_SHARED) not present")
+    return root
+
+
+def golden_folders() -> list[Path]:
+    """Every golden model folder (io.npz plus weights) under the shared folder."""
+    root = shared_root()
+    if root is None:
+        return []
+    return sorted(p.parent for p in (root / "golden").glob("*/io.npz"))

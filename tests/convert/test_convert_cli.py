@@ -1,0 +1,223 @@
+"""`convert_torch_weights.py`: conversion, strictness, bad input, verification, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sammed3d_jax.checkpoint import load_model, read_torch_checkpoint
+from sammed3d_jax.convert.pth import find_state_dict, load_pth, save_pth
+from sammed3d_jax.convert.torch_to_jax import flax_state_to_torch
+from tests.conftest import REPO
+
+GOLDEN_PTH = REPO / "tests" / "fixtures" / "golden_small" / "checkpoint_train_format.pth"
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "convert_torch_weights.py"), *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def golden_sd() -> dict[str, np.ndarray]:
+    return dict(find_state_dict(load_pth(GOLDEN_PTH))[0])
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("conv") / "small"
+    proc = run_cli(GOLDEN_PTH, out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name)
+
+
+def test_training_format_checkpoint_converts(converted):
+    assert (converted / "params").is_dir()
+    cfg = json.loads((converted / "config.json").read_text())
+    assert (cfg["img_size"], cfg["encoder_embed_dim"], cfg["encoder_depth"]) == (64, 96, 3)
+    assert (cfg["encoder_num_heads"], cfg["window_size"], cfg["prompt_embed_dim"]) == (4, 6, 48)
+    assert cfg["encoder_global_attn_indexes"] == [1]
+    report = json.loads((converted / "conversion_report.json").read_text())
+    assert report["weights_found_at"] == "checkpoint['model_state_dict']"
+    assert report["num_torch_keys"] == 189 and report["num_parameters"] == 1_351_234
+    assert len(report["mapping"]) == 189
+    assert "optimizer_state_dict" in report["other_top_level_keys"]
+
+
+def test_converted_equals_direct_pth_load(converted, golden_sd):
+    a = flax_state_to_torch(nnx.state(load_model(converted)))
+    b = flax_state_to_torch(nnx.state(load_model(GOLDEN_PTH)))
+    assert a.keys() == golden_sd.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], golden_sd[k])
+        np.testing.assert_array_equal(b[k], golden_sd[k])
+
+
+@pytest.mark.parametrize("layout", ["bare", "ddp"])
+def test_other_layouts_convert(tmp_path, golden_sd, layout):
+    sd = golden_sd if layout == "bare" else {f"module.{k}": v for k, v in golden_sd.items()}
+    src = tmp_path / f"{layout}.pth"
+    save_pth(src, sd)
+    proc = run_cli(src, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
+    assert report["ddp_prefix_stripped"] is (layout == "ddp")
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("missing", "1 missing keys"),
+        ("unexpected", "1 unexpected keys"),
+        ("misshaped", "mis-shaped"),
+        ("wrong_arch", "missing keys"),
+    ],
+)
+def test_mismatched_state_dicts_are_rejected_and_nothing_is_written(
+    tmp_path, golden_sd, damage, expected
+):
+    sd = dict(golden_sd)
+    if damage == "missing":
+        del sd["mask_decoder.iou_token.weight"]
+    elif damage == "unexpected":
+        sd["mask_decoder.extra.weight"] = np.zeros(3, np.float32)
+    elif damage == "misshaped":
+        sd["mask_decoder.iou_token.weight"] = np.zeros((1, 47), np.float32)
+    else:  # a decoder from another architecture: drop every hypernetwork MLP but one
+        sd = {k: v for k, v in sd.items() if "output_hypernetworks_mlps.3" not in k}
+        sd["mask_decoder.mask_tokens.weight"] = sd["mask_decoder.mask_tokens.weight"]
+    src = tmp_path / "bad.pth"
+    save_pth(src, sd)
+    out = tmp_path / "out"
+    proc = run_cli(src, out)
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    data = GOLDEN_PTH.read_bytes()
+    cases = {
+        "truncated.pth": data[: len(data) // 2],
+        "random.pth": os.urandom(4096),
+        "empty.pth": b"",
+    }
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+    for name in [*cases, "does_not_exist.pth"]:
+        out = tmp_path / f"out_{name}"
+        proc = run_cli(tmp_path / name, out)
+        assert proc.returncode == 2, (name, proc.stderr)
+        line = proc.stderr.strip().splitlines()
+        assert len(line) == 1 and name in line[0] and "Traceback" not in proc.stderr
+        assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    src = tmp_path / "evil.pth"
+    with zipfile.ZipFile(src, "w") as zf:
+        zf.writestr("evil/data.pkl", pickle.dumps({"model_state_dict": Payload()}, protocol=2))
+        zf.writestr("evil/version", "3\n")
+    proc = run_cli(src, tmp_path / "out")
+    assert proc.returncode == 2
+    assert "system" in proc.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, converted):
+    out = tmp_path / "exists"
+    out.mkdir()
+    proc = run_cli(GOLDEN_PTH, out)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    proc = run_cli(GOLDEN_PTH, out, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "params").is_dir()
+
+
+def test_export_round_trip_is_identical(tmp_path, converted, golden_sd):
+    exported = tmp_path / "roundtrip.pth"
+    proc = run_cli(converted, exported, "--export")
+    assert proc.returncode == 0, proc.stderr
+    back, info = read_torch_checkpoint(exported)
+    assert info["weights_found_at"] == "checkpoint['model_state_dict']"
+    assert back.keys() == golden_sd.keys()
+    for k in back:
+        np.testing.assert_array_equal(back[k], golden_sd[k])
+
+
+@pytest.mark.torch
+def test_export_loads_in_medim_and_pytorch_gives_identical_tensors(tmp_path, converted, golden_sd):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("medim")
+    from sammed3d_jax.convert.verify import build_reference
+
+    exported = tmp_path / "roundtrip.pth"
+    assert run_cli(converted, exported, "--export").returncode == 0
+    bare = tmp_path / "bare.pth"
+    assert run_cli(converted, bare, "--export", "--bare").returncode == 0
+    ckpt = torch.load(exported, weights_only=True)
+    ref = build_reference(load_model(converted).config)
+    ref.load_state_dict(ckpt["model_state_dict"], strict=True)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, torch.from_numpy(golden_sd[k])), k
+    assert torch.load(bare, weights_only=True).keys() == ckpt["model_state_dict"].keys()
+
+
+@pytest.mark.torch
+def test_verify_against_pytorch_reference(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("medim")
+    proc = run_cli(GOLDEN_PTH, tmp_path / "v", "--verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ok"]
+    assert {
+        "image_embedding",
+        "low_res_masks",
+        "iou_multimask",
+        "low_res_masks_no_mask_input",
+    } <= set(result["outputs"])
+    assert all(v["max_rel"] < 1e-4 for v in result["outputs"].values())
+
+
+def test_point_mask_slots_are_exactly_ignored(converted):
+    """Padding the click list with masked slots gives the same logits as no padding."""
+    model = load_model(converted)
+    rng = np.random.default_rng(0)
+    emb = model.encode(jnp.asarray(rng.standard_normal((1, 64, 64, 64), np.float32)))
+    pts = jnp.asarray(rng.uniform(0, 63, (1, 2, 3)), jnp.float32)
+    lab = jnp.asarray([[1, 0]])
+    ref = model.decode(emb, pts, lab, None).low_res_logits
+    padded_pts = jnp.concatenate([pts, jnp.asarray(rng.uniform(0, 63, (1, 5, 3)), jnp.float32)], 1)
+    padded_lab = jnp.concatenate([lab, jnp.asarray([[1, 0, 1, -1, 1]])], 1)
+    mask = jnp.asarray([[True, True, False, False, False, False, False]])
+    out = model.decode(emb, padded_pts, padded_lab, None, point_mask=mask).low_res_logits
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-6)

@@ -1,0 +1,98 @@
+"""Architecture bookkeeping: parameter counts, key sets, config validation and inference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from sammed3d_jax import Sam3DConfig, abstract_sam3d, build_sam3d, count_params
+from sammed3d_jax.convert.torch_to_jax import (
+    expected_torch_shapes,
+    flax_state_to_torch,
+    infer_config,
+)
+
+
+def test_vit_b_ori_param_count_without_memory():
+    model = abstract_sam3d("vit_b_ori")  # jax.eval_shape: no arrays are allocated
+    assert count_params(model) == 100_509_232
+    parts = {
+        name: count_params(getattr(model, name))
+        for name in ("image_encoder", "prompt_encoder", "mask_decoder")
+    }
+    assert parts == {
+        "image_encoder": 92_924_928,
+        "prompt_encoder": 8_668,
+        "mask_decoder": 7_575_636,
+    }
+
+
+def test_vit_b_ori_keys_match_the_reference_manifest(fixtures_dir):
+    manifest = json.loads((fixtures_dir / "vit_b_ori_state_dict.json").read_text())["keys"]
+    expected = {k: tuple(v["shape"]) for k, v in manifest.items()}
+    ours = expected_torch_shapes(Sam3DConfig.from_variant("vit_b_ori"))
+    assert ours == expected
+    assert len(ours) == 324
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(img_size=100),
+        dict(encoder_num_heads=5),
+        dict(encoder_global_attn_indexes=(12,)),
+        dict(dtype="int8"),
+        dict(window_attention="fast"),
+        dict(prompt_embed_dim=100),
+    ],
+)
+def test_invalid_configs_are_rejected(changes):
+    with pytest.raises(ValueError, match="invalid Sam3DConfig"):
+        Sam3DConfig.from_variant("vit_b_ori", **changes)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        Sam3DConfig.from_variant("tiny"),
+        Sam3DConfig.from_variant("small"),
+        Sam3DConfig.from_variant(
+            "tiny", img_size=96, window_size=4, encoder_global_attn_indexes=()
+        ),
+        Sam3DConfig.from_variant(
+            "tiny",
+            window_size=0,
+            encoder_global_attn_indexes=(0, 1),
+            qkv_bias=False,
+            use_abs_pos=False,
+        ),
+        Sam3DConfig.from_variant(
+            "tiny", num_multimask_outputs=2, iou_head_depth=2, mask_in_chans=8
+        ),
+    ],
+)
+def test_architecture_is_inferred_from_shapes(cfg):
+    state_dict = flax_state_to_torch(nnx.state(build_sam3d(cfg)))
+    assert infer_config(state_dict) == cfg
+
+
+def test_config_json_round_trip():
+    cfg = Sam3DConfig.from_variant("small", dtype="bfloat16")
+    assert Sam3DConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(ValueError, match="unknown Sam3DConfig fields"):
+        Sam3DConfig.from_dict({"img_sz": 64})
+
+
+def test_state_dict_round_trip_is_exact():
+    model = build_sam3d("tiny", seed=3)
+    sd = flax_state_to_torch(nnx.state(model))
+    from sammed3d_jax.checkpoint import model_from_state_dict
+
+    again, _ = model_from_state_dict(sd)
+    sd2 = flax_state_to_torch(nnx.state(again))
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        np.testing.assert_array_equal(sd[k], sd2[k])
