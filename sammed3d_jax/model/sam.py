@@ -11,6 +11,8 @@ Shapes (S = img_size, g = S / patch, L = 4g the low-res mask side):
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from sammed3d_jax.model.common import upsample_logits
@@ -128,7 +130,57 @@ def build_sam3d(cfg: Sam3DConfig | str = "vit_b_ori", seed: int = 0) -> Sam3D:
     """A randomly initialised model (PyTorch's default initialisation scheme)."""
     if isinstance(cfg, str):
         cfg = Sam3DConfig.from_variant(cfg)
-    return Sam3D(cfg, rngs=nnx.Rngs(seed))
+    model = abstract_sam3d(cfg)
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, host_init(nnx.to_pure_dict(state), seed))
+    nnx.update(model, state)
+    return model
+
+
+def host_init(abstract: dict, seed: int = 0) -> dict:
+    """PyTorch-default initial values for an abstract parameter tree, drawn with numpy.
+
+    Same scheme as the module constructors (U(+-1/sqrt(fan_in)) for weights and biases, with
+    PyTorch's fan-in of a transposed convolution taken from its output channels; LayerNorm
+    ones/zeros; N(0, 1) embeddings and Fourier matrix; zero position tables), but generated on
+    the host in milliseconds instead of compiling hundreds of random-number kernels.
+    """
+    rng = np.random.default_rng(seed)
+    leaves = {
+        tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)
+    }
+
+    def fan_in(kernel_path: tuple) -> int:
+        shape = leaves[kernel_path].shape
+        if "output_upscaling" in kernel_path:
+            return int(np.prod(shape[:-2])) * shape[-1]
+        return int(np.prod(shape[:-1]))
+
+    out = {}
+    for path, leaf in leaves.items():
+        name, parent = path[-1], path[:-1]
+        shape = leaf.shape
+        if name == "kernel":
+            bound = 1.0 / np.sqrt(fan_in(path))
+            value = rng.uniform(-bound, bound, shape)
+        elif name == "bias" and (*parent, "kernel") in leaves:
+            bound = 1.0 / np.sqrt(fan_in((*parent, "kernel")))
+            value = rng.uniform(-bound, bound, shape)
+        elif name == "scale":
+            value = np.ones(shape)
+        elif name in ("embedding", "positional_encoding_gaussian_matrix"):
+            value = rng.standard_normal(shape)
+        else:  # LayerNorm biases, pos_embed, rel_pos tables
+            value = np.zeros(shape)
+        out[path] = jnp.asarray(value.astype(np.float32))
+    nested: dict = {}
+    for path, value in out.items():
+        node = nested
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return nested
 
 
 def abstract_sam3d(cfg: Sam3DConfig | str = "vit_b_ori") -> Sam3D:
