@@ -1,0 +1,235 @@
+"""Predictor: click mapping, ROI placement, embedding cache, bounded recompilation, output grid."""
+
+from __future__ import annotations
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+from flax import nnx
+
+from sammed3d_jax.checkpoint import load_model
+from sammed3d_jax.data import (
+    Volume,
+    load_volume,
+    original_voxel_to_roi,
+    roi_to_original_voxel,
+    save_mask,
+    voxel_to_world,
+)
+from sammed3d_jax.inference import (
+    Prediction,
+    Predictor,
+    PredictorError,
+    SamEngine,
+    point_bucket,
+    trace_counts,
+)
+from sammed3d_jax.inference import predictor as predictor_mod
+
+GOLDEN_CKPT = "golden_small/checkpoint_train_format.pth"
+
+
+@pytest.fixture(scope="module")
+def golden_model(fixtures_dir):
+    return load_model(fixtures_dir / GOLDEN_CKPT)
+
+
+@pytest.fixture(scope="module")
+def t2_volume(fixtures_dir):
+    return load_volume(fixtures_dir / "preprocess" / "t2.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def t2_predictor(golden_model, t2_volume):
+    p = Predictor(golden_model)
+    p.set_image(t2_volume)
+    return p
+
+
+def _synthetic_volume(shape=(200, 60, 60), spacing=1.0, seed=0) -> Volume:
+    """A noisy positive-valued volume with a bright slab, on an LPS-like grid."""
+    rng = np.random.default_rng(seed)
+    array = (100 + 20 * rng.standard_normal(shape)).astype(np.float32)
+    array[40:160, 20:40, 20:40] += 200
+    affine = np.diag([-spacing, -spacing, spacing, 1.0])
+    affine[:3, 3] = [30.0, 40.0, -10.0]
+    return Volume(array=array, affine=affine)
+
+
+def test_point_bucket():
+    assert [point_bucket(n) for n in (0, 1, 4, 5, 8, 9, 17)] == [4, 4, 4, 8, 8, 16, 32]
+
+
+def test_bounded_recompilation(golden_model):
+    jax.clear_caches()  # count compilations from scratch
+    predictor = Predictor(golden_model)
+    predictor.set_image(_synthetic_volume(shape=(70, 60, 60)))
+    clicks = [[35, 30, 30], [30, 28, 30], [40, 31, 29], [36, 25, 33], [33, 35, 27], [38, 30, 36]]
+    labels = [1, 1, 0, 1, 0, 1]
+    before = trace_counts()
+    cache_size = getattr(predictor_mod._decode_jit, "_cache_size", None)  # private jax API
+    sizes_before = cache_size() if cache_size else 0
+    prev = None
+    for n in range(1, 7):
+        prev = predictor.predict(clicks[:n], labels[:n], prev)
+        assert prev.in_roi.all()
+    after = trace_counts()
+    # Clicks 1-4 share the 4-slot bucket, clicks 5-6 the 8-slot bucket; one encoder trace.
+    assert after["decode"] - before["decode"] == 2
+    assert after["encode"] - before["encode"] == 1
+    if cache_size:
+        assert cache_size() - sizes_before == 2
+    assert predictor.engine.encode_calls == 1
+    # Replaying the session, and a 7th and 8th click, compile nothing new.
+    predictor.reset()
+    for n in range(1, 7):
+        predictor.predict(clicks[:n], labels[:n])
+    predictor.predict([*clicks, [34, 29, 31], [37, 32, 28]], [*labels, 1, 0])
+    assert trace_counts() == after
+    assert predictor.engine.encode_calls == 1
+
+
+def test_point_mask_slots_are_inert(golden_model, t2_volume):
+    """Padding to a bucket gives the same logits as an exact-size prompt."""
+    predictor = Predictor(golden_model)
+    predictor.set_image(t2_volume)
+    pred = predictor.predict([[30, 27, 26], [30, 30, 20]], [1, 0])
+    emb, _ = predictor._embedding(pred.roi_start)
+    graphdef, state = nnx.split(golden_model)
+
+    @jax.jit
+    def exact(state, emb, points, labels, mask):
+        return nnx.merge(graphdef, state).decode(emb, points, labels, mask).low_res_logits
+
+    low = exact(
+        state,
+        emb,
+        pred.points_roi[None].astype(np.float32),
+        pred.labels[None],
+        np.zeros((1, 16, 16, 16), np.float32),
+    )
+    np.testing.assert_allclose(pred.low_res_logits, np.asarray(low[0, 0]), atol=1e-5)
+
+
+def test_voxel_and_mm_clicks_agree(t2_predictor, t2_volume):
+    voxels = np.array([[30.0, 27.0, 26.0], [31.0, 20.0, 25.0]])
+    labels = [1, 0]
+    mm = voxel_to_world(t2_volume.affine, voxels)
+    a = t2_predictor.predict(voxels, labels)
+    t2_predictor.reset()
+    b = t2_predictor.predict(mm, labels, mm=True)
+    np.testing.assert_array_equal(a.roi_start, b.roi_start)
+    np.testing.assert_allclose(a.points_roi, b.points_roi, atol=1e-9)
+    np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, atol=1e-5)
+    np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_roi_centred_on_click_and_mapping_round_trip(t2_predictor, t2_volume):
+    t2_predictor.reset()
+    click = np.array([[30.0, 27.0, 26.0]])
+    pred = t2_predictor.predict(click, [1])
+    s = t2_predictor.crop_size
+    # The click's canonical voxel sits at ROI index S/2 on every axis (original crop rule).
+    np.testing.assert_array_equal(np.floor(pred.points_roi[0] + 0.5), [s // 2] * 3)
+    np.testing.assert_allclose(
+        pred.points_roi, original_voxel_to_roi(click, t2_volume.affine, pred.roi_affine)
+    )
+    back = roi_to_original_voxel(pred.points_roi, pred.roi_affine, t2_volume.affine)
+    np.testing.assert_allclose(back, click, atol=1e-9)
+
+
+def test_output_mask_on_input_grid(t2_predictor, t2_volume, tmp_path):
+    pred = t2_predictor.predict([[30, 27, 26]], [1])
+    assert isinstance(pred, Prediction)
+    assert pred.mask.shape == t2_volume.shape and pred.mask.dtype == np.uint8
+    assert set(np.unique(pred.mask)) <= {0, 1}
+    s = t2_predictor.crop_size
+    assert pred.roi_mask.shape == (s, s, s)
+    assert pred.low_res_logits.shape == (s // 4,) * 3
+    assert ((pred.roi_probability >= 0) & (pred.roi_probability <= 1)).all()
+    np.testing.assert_array_equal(pred.roi_mask, pred.roi_probability > 0.5)
+    out = save_mask(tmp_path / "m.nii.gz", pred.mask, t2_volume)
+    img = nib.load(out)
+    ref = nib.load(t2_volume.path)
+    assert img.shape == ref.shape
+    np.testing.assert_array_equal(img.affine, ref.affine)
+    assert nib.aff2axcodes(img.affine) == nib.aff2axcodes(ref.affine) == ("P", "S", "R")
+    assert img.header.get_qform(coded=True)[1] == ref.header.get_qform(coded=True)[1]
+    np.testing.assert_array_equal(np.asarray(img.dataobj), pred.mask)
+
+
+def test_embedding_cache_and_recrop(golden_model):
+    predictor = Predictor(golden_model)
+    predictor.set_image(_synthetic_volume())
+    s = predictor.crop_size
+    first = predictor.predict([[60, 30, 30]], [1])
+    assert first.encoded and not first.mask_prompt_reset
+    second = predictor.predict([[60, 30, 30], [62, 33, 30]], [1, 0], first)
+    assert not second.encoded and not second.mask_prompt_reset
+    np.testing.assert_array_equal(second.roi_start, first.roi_start)
+    # A click 100 voxels (67 canonical voxels) away lies outside the 64^3 ROI: re-crop.
+    third = predictor.predict([[60, 30, 30], [62, 33, 30], [160, 30, 30]], [1, 0, 1], second)
+    assert third.encoded and third.mask_prompt_reset
+    assert not np.array_equal(third.roi_start, first.roi_start)
+    assert third.in_roi.sum() >= 1
+    inside = (third.points_roi >= -0.5) & (third.points_roi < s - 0.5)
+    np.testing.assert_array_equal(third.in_roi, inside.all(axis=1))
+    # Going back to the first ROI re-uses its cached embedding.
+    predictor.reset()
+    again = predictor.predict([[60, 30, 30]], [1])
+    assert not again.encoded
+    np.testing.assert_array_equal(again.mask, first.mask)
+    assert predictor.engine.encode_calls == 2
+
+
+def test_previous_logits_as_array_or_prediction(t2_predictor):
+    t2_predictor.reset()
+    first = t2_predictor.predict([[30, 27, 26]], [1])
+    a = t2_predictor.predict([[30, 27, 26], [30, 22, 26]], [1, 0], first)
+    b = t2_predictor.predict([[30, 27, 26], [30, 22, 26]], [1, 0], first.low_res_logits)
+    np.testing.assert_array_equal(a.low_res_logits, b.low_res_logits)
+    c = t2_predictor.predict([[30, 27, 26], [30, 22, 26]], [1, 0])
+    assert not np.array_equal(a.low_res_logits, c.low_res_logits)
+
+
+def test_engine_shares_compilations_between_models(golden_model):
+    engine_a = SamEngine(golden_model)
+    engine_b = SamEngine(golden_model)
+    assert engine_a._graphdef == engine_b._graphdef
+
+
+@pytest.mark.parametrize(
+    ("points", "labels", "match"),
+    [
+        ([[60, 27, 26]], [1], "outside the image"),
+        ([[-1, 27, 26]], [1], "outside the image"),
+        ([[30, 27]], [1], "shape"),
+        ([[30, 27, 26]], [2], "labels must be 0"),
+        ([[30, 27, np.nan]], [1], "NaN"),
+        ([[30, 27, 26]], [1, 0], "labels"),
+    ],
+)
+def test_bad_clicks(t2_predictor, points, labels, match):
+    with pytest.raises(PredictorError, match=match):
+        t2_predictor.predict(points, labels)
+
+
+def test_bad_image_and_state(golden_model, tmp_path):
+    predictor = Predictor(golden_model)
+    with pytest.raises(PredictorError, match="set_image"):
+        predictor.predict([[1, 1, 1]], [1])
+    bad = _synthetic_volume(shape=(20, 20, 20))
+    arr = bad.array.copy()
+    arr[3, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        predictor.set_image(Volume(arr, bad.affine))
+    with pytest.raises(ValueError, match="not found"):
+        predictor.set_image(tmp_path / "missing.nii.gz")
+    predictor.set_image(Volume(np.zeros((20, 20, 20), np.float32), bad.affine))
+    with pytest.raises(PredictorError, match="normalise"):
+        predictor.predict([[10, 10, 10]], [1])
+    t = _synthetic_volume(shape=(20, 20, 20))
+    predictor.set_image(t)
+    with pytest.raises(PredictorError, match="previous_logits"):
+        predictor.predict([[10, 10, 10]], [1], np.zeros((8, 8, 8), np.float32))
