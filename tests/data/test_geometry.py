@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -582,3 +583,199 @@ def test_merge_class_masks_later_ids_win() -> None:
     assert merged[0, 0, 0] == 2 and merged[1, 0, 0] == 7 and merged[2, 0, 0] == 7
     with pytest.raises(ValueError):
         geo.merge_class_masks({300: a})
+
+
+# --------------------------------------------------------------------------------------
+# Box-restricted resampling (paste-back fast path) == full-grid reference, bit for bit
+# --------------------------------------------------------------------------------------
+
+
+def _assert_fast_equals_reference(mask, roi_aff, shape, aff) -> np.ndarray:
+    fast = geo.paste_back(mask, roi_aff, shape, aff)
+    ref = geo._paste_back_reference(mask, roi_aff, shape, aff)
+    assert fast.dtype == ref.dtype == np.uint8 and fast.shape == ref.shape == tuple(shape)
+    np.testing.assert_array_equal(fast, ref)
+    return fast
+
+
+def _check_golden_paste_reference(run: CaseRun) -> None:
+    ones = np.ones((CROP, CROP, CROP), np.uint8)  # the whole ROI box, edge ties included
+    for cid, p in run.results.items():
+        for mask in (p.roi_label, run.pred[cid], ones):
+            _assert_fast_equals_reference(mask, p.roi_affine, run.image.shape, run.image.affine)
+
+
+def test_fixture_paste_back_fast_equals_reference() -> None:
+    _check_golden_paste_reference(_run(FIXTURE_SOURCE))
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+def test_shared_paste_back_fast_equals_reference(case: str) -> None:
+    if not GOLDEN.is_dir():
+        pytest.skip(f"{GOLDEN} absent")
+    _check_golden_paste_reference(_run(_shared_source(case)))
+
+
+# Orientation codes as (perm, flips) for _affine: file axis c runs along world row perm[c].
+_ORIENTATIONS = {
+    "LPS": ((0, 1, 2), (-1, -1, 1)),
+    "PSR": ((1, 2, 0), (-1, 1, 1)),
+    "RAS": ((0, 1, 2), (1, 1, 1)),
+    "ASL": ((1, 2, 0), (1, 1, -1)),
+}
+
+
+def _pipeline_roi_affine(shape, aff, start) -> tuple[np.ndarray, tuple]:
+    """ROI affine as the pipeline builds it: 1.5 mm centred grid, RAS+ reorientation, crop."""
+    res_shape, res_aff = geo.resampled_grid(shape, aff)
+    can, can_aff, _ = geo.to_canonical(np.zeros(res_shape, np.uint8), res_aff)
+    return geo.roi_affine(can_aff, start), can.shape
+
+
+def _test_masks(rng: np.random.Generator) -> list[np.ndarray]:
+    ones = np.ones((CROP, CROP, CROP), np.uint8)
+    noise = (rng.random((CROP, CROP, CROP)) < 0.3).astype(np.uint8)
+    blob = np.zeros((CROP, CROP, CROP), np.uint8)
+    lo = rng.integers(0, CROP - 20, size=3)
+    hi = lo + rng.integers(1, 20, size=3)
+    blob[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = 1
+    corners = np.zeros((CROP, CROP, CROP), np.uint8)  # single voxels on the ROI's edges
+    corners[0, 0, 0] = corners[-1, -1, -1] = corners[0, -1, 64] = corners[127, 3, 0] = 1
+    return [ones, noise, blob, corners]
+
+
+@pytest.mark.parametrize("code", list(_ORIENTATIONS))
+@pytest.mark.parametrize(
+    "spacing",
+    [(1.0, 1.0, 1.0), (0.7, 0.7, 5.0), (3.0, 3.0, 3.0), (0.57, 0.83, 2.5), (1.2, 0.9, 1.5)],
+)
+def test_paste_back_fast_equals_reference_random_grids(code: str, spacing) -> None:
+    perm, flips = _ORIENTATIONS[code]
+    seed = zlib.crc32(repr((code, spacing)).encode())
+    rng = np.random.default_rng(seed)
+    # Original grid: about 60-160 mm per axis; origin on a random sub-voxel offset.
+    shape = tuple(int(v) for v in rng.integers(60, 160, size=3) / np.array(spacing))
+    shape = tuple(max(8, min(v, 200)) for v in shape)
+    origin = rng.uniform(-200.0, 200.0, size=3).round(rng.integers(0, 4))
+    aff = _affine(spacing, origin, perm, flips)
+    roi_aff, can_shape = _pipeline_roi_affine(shape, aff, np.zeros(3, np.int64))
+    can_shape = np.array(can_shape)
+    starts = [
+        (can_shape - CROP) // 2,  # centred (pads where the volume is smaller than 128)
+        np.array([-90, 5, -60]),  # partly outside, low side
+        can_shape - 40,  # partly outside, high side
+        rng.integers(-100, can_shape.max(), size=3),
+    ]
+    masks = _test_masks(rng)
+    for start in starts:
+        roi_aff, _ = _pipeline_roi_affine(shape, aff, start)
+        for mask in masks:
+            _assert_fast_equals_reference(mask, roi_aff, shape, aff)
+
+
+def test_paste_back_fast_equals_reference_random_affines() -> None:
+    # ROI and original grids with unrelated spacings, origins and axis permutations/flips.
+    rng = np.random.default_rng(11)
+    perms = [(0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 2, 1), (1, 0, 2), (2, 1, 0)]
+    for trial in range(24):
+        shape = tuple(int(v) for v in rng.integers(20, 110, size=3))
+        spacing = rng.uniform(0.4, 4.0, size=3)
+        flips = rng.choice([-1, 1], size=3)
+        aff = _affine(spacing, rng.uniform(-150, 150, 3), perms[trial % 6], flips)
+        roi_spacing = rng.choice([1.5, rng.uniform(0.5, 3.0)], size=3)
+        roi_flips = rng.choice([-1, 1], size=3)
+        # Place the ROI centre somewhere around the original grid (inside or partly out).
+        center_mm = geo.voxel_to_world(aff, rng.uniform(-0.5, 1.5, 3) * np.array(shape))
+        roi_aff = _affine(roi_spacing, (0, 0, 0), perms[rng.integers(6)], roi_flips)
+        roi_aff[:3, 3] = center_mm - roi_aff[:3, :3] @ np.full(3, 63.5)
+        for mask in _test_masks(rng):
+            _assert_fast_equals_reference(mask, roi_aff, shape, aff)
+
+
+def test_paste_back_fast_equals_reference_oblique() -> None:
+    # Not produced by the pipeline, but the box stays conservative for rotated grids.
+    rng = np.random.default_rng(12)
+    shape = (90, 80, 70)
+    aff = _affine((0.9, 1.1, 1.3), (-40.0, -45.0, -50.0))
+    angle = np.deg2rad(17.0)
+    rot = np.array(
+        [
+            [np.cos(angle), -np.sin(angle), 0.0],
+            [np.sin(angle) * np.cos(0.3), np.cos(angle) * np.cos(0.3), -np.sin(0.3)],
+            [np.sin(angle) * np.sin(0.3), np.cos(angle) * np.sin(0.3), np.cos(0.3)],
+        ]
+    )
+    roi_aff = np.eye(4)
+    roi_aff[:3, :3] = rot * 0.6
+    roi_aff[:3, 3] = (-20.0, -25.0, -30.0)
+    for mask in _test_masks(rng):
+        _assert_fast_equals_reference(mask, roi_aff, shape, aff)
+
+
+def test_paste_back_roi_entirely_outside_is_zero_and_skipped() -> None:
+    shape = (120, 110, 40)
+    aff = _affine((0.7, 0.7, 5.0), (40.0, 38.0, -100.0), flips=(-1, -1, 1))
+    roi_aff, can_shape = _pipeline_roi_affine(shape, aff, np.zeros(3, np.int64))
+    ones = np.ones((CROP, CROP, CROP), np.uint8)
+    for start in ([200, 0, 0], [0, -300, 0], [0, 0, np.array(can_shape)[2] + 20], [-140] * 3):
+        roi_aff, _ = _pipeline_roi_affine(shape, aff, np.array(start))
+        out = _assert_fast_equals_reference(ones, roi_aff, shape, aff)
+        assert out.dtype == np.uint8 and not out.any()
+        box = geo._candidate_box(
+            geo._itk_grid(roi_aff), geo._itk_grid(aff), (0, 0, 0), (CROP,) * 3, shape
+        )
+        assert box is None, start
+    # An empty mask needs no resampling at all.
+    inside, _ = _pipeline_roi_affine(shape, aff, np.array([-10, -10, -50]))
+    assert not geo.paste_back(np.zeros_like(ones), inside, shape, aff).any()
+
+
+def test_resample_to_grid_box_restriction_linear_and_nearest() -> None:
+    # The box restriction is shared by both orders of resample_to_grid.
+    rng = np.random.default_rng(13)
+    src = rng.normal(100.0, 50.0, size=(40, 30, 20))
+    src_aff = _affine((1.5, 1.5, 1.5), (-10.3, 4.2, -7.0), (1, 2, 0), (-1, 1, 1))
+    dst_aff = _affine((0.7, 0.9, 2.0), (-60.0, -25.0, -40.0), flips=(1, -1, 1))
+    dst_aff[:3, 3] = (-40.0, 40.0, -40.0)
+    shape = (160, 120, 60)
+    for arr in (src, src.astype(np.int16), (src > 120).astype(np.uint8)):
+        for order in ("linear", "nearest"):
+            fast = geo.resample_to_grid(arr, src_aff, shape, dst_aff, order)
+            ref = geo._resample_to_grid_reference(arr, src_aff, shape, dst_aff, order)
+            assert fast.dtype == ref.dtype == arr.dtype
+            np.testing.assert_array_equal(fast, ref)
+            assert 0 < np.count_nonzero(fast) < fast.size
+    # The candidate box is much smaller than the output grid here.
+    box = geo._candidate_box(
+        geo._itk_grid(src_aff), geo._itk_grid(dst_aff), (0, 0, 0), src.shape, shape
+    )
+    assert box is not None
+    assert np.prod([b - a for a, b in box]) < 0.5 * np.prod(shape)
+
+
+def test_paste_back_speedup_large_ct(capsys) -> None:
+    """512×512×300 CT grid: timing of the fast path vs the full grid (printed, not asserted)."""
+    import time
+
+    shape = (512, 512, 300)
+    aff = _affine((0.7, 0.7, 1.0), (179.0, 179.0, -150.0), flips=(-1, -1, 1))
+    rng = np.random.default_rng(14)
+    roi_aff, _ = _pipeline_roi_affine(shape, aff, np.array([60, 70, 40]))
+    dense = (rng.random((CROP, CROP, CROP)) < 0.5).astype(np.uint8)
+    blob = np.zeros((CROP, CROP, CROP), np.uint8)
+    blob[50:80, 40:90, 55:70] = 1
+    lines = []
+    for name, mask in (("dense ROI", dense), ("30x50x15 blob", blob)):
+        t0 = time.perf_counter()
+        fast = geo.paste_back(mask, roi_aff, shape, aff)
+        t1 = time.perf_counter()
+        ref = geo._paste_back_reference(mask, roi_aff, shape, aff)
+        t2 = time.perf_counter()
+        np.testing.assert_array_equal(fast, ref)
+        lines.append(
+            f"paste_back {shape} {name}: fast {1e3 * (t1 - t0):.1f} ms, "
+            f"full grid {1e3 * (t2 - t1):.1f} ms, speed-up {(t2 - t1) / (t1 - t0):.1f}x"
+        )
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
