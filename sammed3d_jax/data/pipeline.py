@@ -152,6 +152,9 @@ class DataConfig:
       worker_buffer_size: batches buffered per worker.
       read_threads: threads per process preparing batches (grain ``ReadOptions``).
       prefetch_batches: batches prefetched per process (grain ``ReadOptions``).
+      cache_items: keep up to this many prepared (resampled, cropped) NIfTI items in memory
+        per process, so small datasets are read and resampled once (0 = no cache; large
+        datasets should be converted to shards instead).
     """
 
     root: str | None = None
@@ -177,6 +180,7 @@ class DataConfig:
     worker_buffer_size: int = 1
     read_threads: int = 1
     prefetch_batches: int = 2
+    cache_items: int = 0
 
     def __post_init__(self):
         for name in ("root", "records", "tfds_dir", "index_path"):
@@ -707,15 +711,41 @@ class ExampleMap:
       seed: the run seed (None: no random transforms allowed).
     """
 
-    def __init__(self, crop_size: int, prepare: Compose | None, augment: Compose, seed: int | None):
+    def __init__(
+        self,
+        crop_size: int,
+        prepare: Compose | None,
+        augment: Compose,
+        seed: int | None,
+        cache_items: int = 0,
+    ):
         self.crop_size, self.prepare, self.augment, self.seed = crop_size, prepare, augment, seed
+        self.cache_items = int(cache_items)
+        self._cache: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def _prepared(self, element: Item) -> dict[str, Any]:
+        if self.cache_items <= 0:
+            return self.prepare(element.to_sample())
+        with self._lock:
+            hit = self._cache.get(element.index)
+            if hit is not None:
+                self._cache.move_to_end(element.index)
+        if hit is None:
+            hit = self.prepare(element.to_sample())
+            with self._lock:
+                self._cache[element.index] = hit
+                while len(self._cache) > self.cache_items:
+                    self._cache.popitem(last=False)
+        # Transforms may modify arrays in place: hand out copies.
+        return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in hit.items()}
 
     def __call__(self, position: int, element: Any) -> dict[str, np.ndarray]:
         if isinstance(element, _Padding):
             return zero_example(self.crop_size, -1)
         if isinstance(element, Item):
             try:
-                sample = self.prepare(element.to_sample())
+                sample = self._prepared(element)
             except Exception as exc:  # a bad file must not stop training
                 _READ_ERRORS.add()
                 log.warning(
@@ -812,6 +842,7 @@ def make_train_dataset(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
     """The infinite, shuffled, augmented training stream of this process.
 
@@ -820,6 +851,9 @@ def make_train_dataset(
       seed: run seed: shuffle order and augmentation.
       process_index, process_count: this process's shard (default ``jax.process_index()``
         and ``jax.process_count()``).
+      start_batch: global batch index to start from. The stream is a pure function of
+        (seed, global batch index), so a run resumes at the same data with any number of
+        processes by passing the number of batches already consumed.
 
     Returns:
       A grain ``IterDataset`` of batches ``{"image": (b, S, S, S) float32, "label":
@@ -840,9 +874,11 @@ def make_train_dataset(
     ds = ds.repeat()
     # Mapping before the process slice keys each sample's rng by its global position; the
     # dataset is lazy, so a process only prepares its own positions.
-    ds = ds.map_with_index(ExampleMap(cfg.crop_size, prepare, augment, seed))
+    ds = ds.map_with_index(ExampleMap(cfg.crop_size, prepare, augment, seed, cfg.cache_items))
     ds = ds.slice(slice(pi, None, pc))
     ds = ds.batch(b, drop_remainder=True)
+    if start_batch:
+        ds = ds.slice(slice(int(start_batch), None))
     return _finish(ds, cfg)
 
 
@@ -867,7 +903,7 @@ def make_eval_dataset(
     total = math.ceil(len(source) / global_batch) * global_batch
     augment = augment_transforms(cfg.clamp_ct, cfg.ct_range, flip_prob=0.0)  # type: ignore[arg-type]
     ds = grain.MapDataset.source(_PaddedSource(source, total))
-    ds = ds.map_with_index(ExampleMap(cfg.crop_size, prepare, augment, None))
+    ds = ds.map_with_index(ExampleMap(cfg.crop_size, prepare, augment, None, cfg.cache_items))
     ds = ds.slice(slice(pi, None, pc))
     ds = ds.batch(b, drop_remainder=True)
     return _finish(ds, cfg)

@@ -315,9 +315,12 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, num_clicks: int = 5
+    graphdef: nnx.GraphDef, num_clicks: int = 5, return_predictions: bool = False
 ) -> Callable[[tuple[Any, Any], Mapping[str, Array], Array], dict[str, Array]]:
     """A pure ``eval_step((params, rest), batch, rng) -> {"dice_per_click": (B, num_clicks)}``.
+
+    With ``return_predictions`` the output also holds the final full-resolution ``logits``
+    (B, S, S, S) and the clicks (``points`` (B, num_clicks, 3), ``labels`` (B, num_clicks)).
 
     Dice per click is the hard Dice of ``logits > 0`` against ``label > 0`` at full resolution
     after each click (NaN where prediction and label are both empty). The batch holds
@@ -368,7 +371,12 @@ def make_eval_step(
             -jnp.ones((b, num_clicks), jnp.int32),
             jnp.zeros((b, num_clicks), bool),
         )
-        _, dice = jax.lax.scan(one_click, init, (jnp.arange(num_clicks, dtype=jnp.int32), keys))
-        return {"dice_per_click": dice.T}
+        (_, full, pts, labs, _), dice = jax.lax.scan(
+            one_click, init, (jnp.arange(num_clicks, dtype=jnp.int32), keys)
+        )
+        out = {"dice_per_click": dice.T}
+        if return_predictions:
+            out.update(logits=full, points=pts, labels=labs)
+        return out
 
     return eval_step

@@ -1,0 +1,303 @@
+"""Side-by-side benchmarks: this project vs the PyTorch original (medim's SAM-Med3D).
+
+    python benchmarks/run.py --device cpu            # 2-core CPU, float32
+    python benchmarks/run.py --device gpu            # one GPU, bfloat16 / fp16-autocast
+
+Both sides run in one process on the same inputs with the same random weights (ours are
+converted from the PyTorch model's state dict). Warm-up (compilation) is excluded; every figure
+is the median of repeated runs. The last line printed is one JSON object with a stable key per
+figure for both sides (`encoder_b1_ms` / `torch_encoder_b1_ms`, ...) and their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ENCODER_GFLOP_EXACT = 104.0  # per 128³ volume with the exact windowed attention
+ENCODER_GFLOP_PADDED = 367.0  # the original's padded windows
+
+
+def median_time(fn, repeats: int, sync=lambda out: out) -> float:
+    """Median wall time (s) of `fn()` over `repeats` runs after one warm-up run."""
+    sync(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def device_info(jax_mod, torch_mod) -> dict[str, Any]:
+    d = jax_mod.devices()[0]
+    info = {
+        "jax_device": f"{d.platform}:{getattr(d, 'device_kind', '')}",
+        "jax": jax_mod.__version__,
+        "torch": torch_mod.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch_mod.cuda.is_available():
+        info["torch_device"] = torch_mod.cuda.get_device_name(0)
+    return info
+
+
+def bench_encoder(ours, ref, batches, repeats, gpu, torch_compile) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    graphdef, state = nnx.split(ours)
+
+    @jax.jit
+    def encode(state, x):
+        return nnx.merge(graphdef, state).encode(x)
+
+    dev = "cuda" if gpu else "cpu"
+    out: dict[str, float] = {}
+    compiled = torch.compile(ref.image_encoder) if torch_compile else None
+    for b in batches:
+        x = np.random.default_rng(b).standard_normal((b, 128, 128, 128), np.float32)
+        xj = jax.device_put(jnp.asarray(x))
+        t = median_time(lambda xj=xj: encode(state, xj), repeats, jax.block_until_ready)
+        out[f"encoder_b{b}_ms"] = 1e3 * t
+        out[f"encoder_b{b}_volumes_per_sec"] = b / t
+        xt = torch.from_numpy(x[:, None]).to(dev)
+
+        def torch_sync(o):
+            if gpu:
+                torch.cuda.synchronize()
+            return o
+
+        with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
+            tt = median_time(lambda xt=xt: ref.image_encoder(xt), repeats, torch_sync)
+            out[f"torch_encoder_b{b}_ms"] = 1e3 * tt
+            out[f"torch_encoder_b{b}_volumes_per_sec"] = b / tt
+            if compiled is not None:
+                tc = median_time(lambda xt=xt: compiled(xt), repeats, torch_sync)
+                out[f"torch_compiled_encoder_b{b}_ms"] = 1e3 * tc
+                out[f"torch_compiled_encoder_b{b}_volumes_per_sec"] = b / tc
+        out[f"ratio_encoder_b{b}"] = t / tt
+        if compiled is not None:
+            out[f"ratio_encoder_b{b}_vs_compiled"] = (
+                t / out[f"torch_compiled_encoder_b{b}_ms"] * 1e3
+            )
+    return out
+
+
+def bench_click(ours, ref, repeats, gpu) -> dict[str, float]:
+    """One click: prompt encoder + mask decoder + upsampling to 128³ (embedding precomputed)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from flax import nnx
+
+    from sammed3d_jax.model.common import upsample_logits
+
+    graphdef, state = nnx.split(ours)
+
+    @jax.jit
+    def click(state, emb, pts, lab, mask):
+        m = nnx.merge(graphdef, state)
+        out = m.decode(emb, pts, lab, mask)
+        return upsample_logits(out.low_res_logits, 128)
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1, 8, 8, 8, 384)).astype(np.float32)
+    pts = rng.uniform(0, 127, (1, 3, 3)).astype(np.float32)
+    lab = np.array([[1, 0, 1]])
+    mask = rng.standard_normal((1, 32, 32, 32)).astype(np.float32)
+    args = [jax.device_put(jnp.asarray(a)) for a in (emb, pts, lab, mask)]
+    t = median_time(lambda: click(state, *args), repeats, jax.block_until_ready)
+    dev = "cuda" if gpu else "cpu"
+    e = torch.from_numpy(emb.transpose(0, 4, 1, 2, 3).copy()).to(dev)
+    p, lb = torch.from_numpy(pts).to(dev), torch.from_numpy(lab).to(dev)
+    mk = torch.from_numpy(mask[:, None]).to(dev)
+
+    def torch_click():
+        sparse, dense = ref.prompt_encoder(points=(p, lb), boxes=None, masks=mk)
+        low, _ = ref.mask_decoder(e, ref.prompt_encoder.get_dense_pe(), sparse, dense, False)
+        return F.interpolate(low, size=(128, 128, 128), mode="trilinear", align_corners=False)
+
+    def sync(o):
+        if gpu:
+            torch.cuda.synchronize()
+        return o
+
+    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
+        tt = median_time(torch_click, repeats, sync)
+    return {"click_b1_ms": 1e3 * t, "torch_click_b1_ms": 1e3 * tt, "ratio_click_b1": t / tt}
+
+
+def bench_train(ours, ref, batch, clicks, repeats, gpu, peak_flops) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from benchmarks.torch_reference import OriginalTrainStep
+    from sammed3d_jax.train.optim import OptimConfig, make_optimizer
+    from sammed3d_jax.train.step import TrainConfig, init_train_state, make_train_step
+
+    rng = np.random.default_rng(0)
+    image = (rng.standard_normal((batch, 128, 128, 128)) * 100 + 50).astype(np.float32)
+    label = np.zeros((batch, 128, 128, 128), np.uint8)
+    label[:, 40:90, 30:80, 50:100] = 1
+    tx = make_optimizer(ours, OptimConfig())
+    graphdef, state = init_train_state(ours, tx)
+    step = jax.jit(make_train_step(graphdef, tx, TrainConfig(num_clicks=clicks)), donate_argnums=0)
+    data = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
+    key = jax.random.key(0)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], m = step(holder["state"], data, key)
+        return m
+
+    t = median_time(run, repeats, jax.block_until_ready)
+    out = {
+        "train_step_s": t,
+        "train_volumes_per_sec": batch / t,
+        "train_mfu_encoder_fwd_bwd": 3 * ENCODER_GFLOP_EXACT * 1e9 * batch / t / peak_flops,
+    }
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["train_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+    dev = "cuda" if gpu else "cpu"
+    trainer = OriginalTrainStep(ref)
+    it, lt = torch.from_numpy(image).to(dev), torch.from_numpy(label).to(dev)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+
+    def sync(o):
+        if gpu:
+            torch.cuda.synchronize()
+        return o
+
+    tt = median_time(lambda: trainer(it, lt), repeats, sync)
+    out["torch_train_step_s"] = tt
+    out["torch_train_volumes_per_sec"] = batch / tt
+    if gpu:
+        out["torch_train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if "train_peak_gib" in out:
+            out["ratio_train_peak_memory"] = out["train_peak_gib"] / out["torch_train_peak_gib"]
+    out["ratio_train_throughput"] = (
+        out["train_volumes_per_sec"] / out["torch_train_volumes_per_sec"]
+    )
+    return out
+
+
+def bench_pipeline() -> dict[str, float]:
+    """Input pipeline rates (128³ crops from raw NIfTI vs ArrayRecord shards, one worker)."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "input_pipeline.py"), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if proc.returncode != 0:
+        return {"pipeline_error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])["pipeline"]
+    return {
+        "pipeline_raw_volumes_per_sec_per_worker": runs["raw_workers1"]["volumes_per_s"],
+        "pipeline_shards_volumes_per_sec_per_worker": runs["shards_workers1"]["volumes_per_s"],
+        "pipeline_shards_volumes_per_cpu_sec": runs["shards_workers1"]["volumes_per_cpu_s"],
+    }
+
+
+def measure_matmul_peak(dtype_name: str) -> float:
+    """Achieved FLOP/s of a large matmul on this device: the roofline the MFU refers to."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 4096 if jax.devices()[0].platform == "gpu" else 1536
+    dtype = jnp.dtype(dtype_name)
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
+    t = median_time(lambda: f(a), 5, jax.block_until_ready)
+    return 2 * n**3 / t
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--batches", default=None, help="encoder batches, e.g. 1,2,4")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--train-batch", type=int, default=None)
+    parser.add_argument("--clicks", type=int, default=11)
+    parser.add_argument("--skip", default="", help="comma list of: encoder,click,train,pipeline")
+    parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    gpu = args.device == "gpu"
+    skip = set(filter(None, args.skip.split(",")))
+
+    import jax
+    import torch
+
+    if gpu and jax.devices()[0].platform != "gpu":
+        print("error: --device gpu but JAX sees no GPU", file=sys.stderr)
+        return 2
+    if not gpu:
+        jax.config.update("jax_platforms", "cpu")
+        torch.set_num_threads(os.cpu_count() or 1)
+
+    from benchmarks.torch_reference import build_medim
+    from sammed3d_jax.checkpoint import model_from_state_dict
+
+    dtype = "bfloat16" if gpu else "float32"
+    ref = build_medim("cuda" if gpu else "cpu").eval()
+    sd = {k: v.detach().cpu().numpy() for k, v in ref.state_dict().items()}
+    ours, _ = model_from_state_dict(sd, dtype=dtype)
+    batches = [int(b) for b in (args.batches or ("1,4,12,32,64" if gpu else "1,2")).split(",")]
+    repeats = args.repeats or (10 if gpu else 3)
+    result: dict[str, Any] = {"device": args.device, **device_info(jax, torch), "dtype": dtype}
+    peak = measure_matmul_peak(dtype)
+    result["matmul_peak_tflops_measured"] = peak / 1e12
+    if "encoder" not in skip:
+        enc = bench_encoder(ours, ref, batches, repeats, gpu, args.torch_compile)
+        result.update(enc)
+        best = max(batches, key=lambda b: enc[f"encoder_b{b}_volumes_per_sec"])
+        result["encoder_best_batch"] = best
+        result["encoder_best_volumes_per_sec"] = enc[f"encoder_b{best}_volumes_per_sec"]
+        result["encoder_mfu_best"] = (
+            ENCODER_GFLOP_EXACT * 1e9 * enc[f"encoder_b{best}_volumes_per_sec"] / peak
+        )
+    if "click" not in skip:
+        result.update(bench_click(ours, ref, max(repeats, 5), gpu))
+    if "train" not in skip:
+        train_batch = args.train_batch or (12 if gpu else 1)
+        ref.train()
+        result.update(
+            bench_train(ours, ref, train_batch, args.clicks, max(repeats // 3, 2), gpu, peak)
+        )
+        result["train_batch"] = train_batch
+        result["train_clicks"] = args.clicks
+    if "pipeline" not in skip and (REPO.parent / "shared" / "data").is_dir():
+        result.update(bench_pipeline())
+    line = json.dumps(result, sort_keys=True)
+    if args.out:
+        args.out.write_text(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Experiment configurations (ml_collections). Each file has `get_config(arg=None)`."""

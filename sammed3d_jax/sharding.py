@@ -1,0 +1,205 @@
+"""Device mesh, logical-axis rules and sharded state creation.
+
+Model code names axes logically: every parameter carries a ``logical_axes`` metadata entry
+(``embed``, ``mlp``, ``qkv``, ``heads``, ``conv_in``, ``conv_out``, ``embed_prompt``,
+``heads_prompt``, ``norm`` or None per dimension) and large activations are constrained with
+`shard(x, ("batch", ...))`. One rules table maps logical names to mesh axes:
+
+    mesh axes   data    pure data parallelism (parameters replicated)
+                fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3)
+                tensor  tensor (model) parallelism inside the matmuls
+
+A dimension is only sharded when its size is divisible by the mesh axes it maps to;
+otherwise that dimension stays replicated (a 1-channel input conv cannot be split).
+`jax.jit` with these shardings is the modern spelling of pjit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.experimental.mesh_utils
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("embed_prompt", "fsdp"),
+    ("mlp", "tensor"),
+    ("qkv", "tensor"),
+    ("heads", "tensor"),
+    ("heads_prompt", "tensor"),
+    ("conv_in", "tensor"),
+    ("conv_out", "fsdp"),
+    ("norm", None),
+    ("act_embed", None),
+)
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, dict[str, Any]] | None] = contextvars.ContextVar(
+    "sammed3d_mesh", default=None
+)
+
+
+def mesh_shape(axes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Sizes of (data, fsdp, tensor) with at most one -1 meaning "the rest of the devices"."""
+    unknown = [k for k in MESH_AXES if int(axes.get(k, 1)) == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {unknown}")
+    sizes = {k: int(axes.get(k, 1)) for k in MESH_AXES}
+    extra = set(axes) - set(MESH_AXES)
+    if extra:
+        raise ValueError(f"unknown mesh axes {sorted(extra)}; known: {MESH_AXES}")
+    known = math.prod(v for k, v in sizes.items() if v != -1)
+    if unknown:
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices cannot be split into mesh {dict(axes)}")
+        sizes[unknown[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(
+            f"mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are available"
+        )
+    return tuple(sizes[k] for k in MESH_AXES)
+
+
+def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all (or the given) devices; default all-data."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(axes or {"data": -1}, len(devices))
+    try:
+        device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # non-TPU topologies or fake CPU devices: plain row-major layout
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def rules_dict(rules: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> dict[str, Any]:
+    if rules is None:
+        return dict(DEFAULT_RULES)
+    items = rules.items() if isinstance(rules, Mapping) else rules
+    out = {}
+    for name, target in items:
+        if isinstance(target, list):
+            target = tuple(target)
+        out[str(name)] = target
+    return out
+
+
+def _axis_size(mesh: Mesh, target: Any) -> int:
+    if target is None:
+        return 1
+    names = target if isinstance(target, tuple) else (target,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def logical_to_spec(
+    logical: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Mapping[str, Any],
+) -> PartitionSpec:
+    """PartitionSpec for one array; non-divisible or repeated mesh axes stay replicated."""
+    if not logical:
+        return PartitionSpec()
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical, shape):
+        target = rules.get(name) if name is not None else None
+        if target is not None:
+            names = target if isinstance(target, tuple) else (target,)
+            names = tuple(n for n in names if n not in used and mesh.shape.get(n, 1) > 1)
+            target = (names if len(names) > 1 else names[0]) if names else None
+        if target is not None and size % _axis_size(mesh, target) == 0:
+            spec.append(target)
+            used.update(target if isinstance(target, tuple) else (target,))
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_specs(state: nnx.State, mesh: Mesh, rules: Any = None) -> Any:
+    """A tree of PartitionSpec mirroring an (abstract or concrete) `nnx.State`."""
+    r = rules_dict(rules)
+
+    def spec(v: Any) -> Any:
+        if _is_var(v):
+            logical = v.get_metadata().get("logical_axes")
+            return v.replace(logical_to_spec(logical, np.shape(v.get_value()), mesh, r))
+        return logical_to_spec(None, np.shape(v), mesh, r)
+
+    return jax.tree_util.tree_map(spec, state, is_leaf=_is_var)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Any = None) -> Any:
+    """A tree of NamedSharding mirroring an `nnx.State`."""
+    specs = state_specs(state, mesh, rules)
+    return jax.tree_util.tree_map(
+        lambda s: (
+            s.replace(NamedSharding(mesh, s.get_value())) if _is_var(s) else NamedSharding(mesh, s)
+        ),
+        specs,
+        is_leaf=lambda x: _is_var(x) or isinstance(x, PartitionSpec),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Any = None) -> NamedSharding:
+    """Sharding of a (B, ...) batch: batch over the data-parallel axes, rest replicated."""
+    target = rules_dict(rules).get("batch")
+    return NamedSharding(mesh, PartitionSpec(target, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Any = None) -> Iterator[Mesh]:
+    """Activate `mesh` for `shard()` constraints inside the model (no-op outside)."""
+    token = _ACTIVE.set((mesh, rules_dict(rules)))
+    try:
+        yield mesh
+    finally:
+        _ACTIVE.reset(token)
+
+
+def shard(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation to its logical sharding; a no-op when no mesh is active."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(logical, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def nbytes_per_device(tree: Any) -> int:
+    """Bytes of the addressable shards held by one device (the first), summed over leaves."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array):
+            shard0 = leaf.addressable_shards[0]
+            total += int(np.prod(shard0.data.shape)) * leaf.dtype.itemsize
+    return total
+
+
+def replicated_large_arrays(tree: Any, min_bytes: int = 1 << 20) -> list[str]:
+    """Paths of arrays of at least `min_bytes` that are fully replicated."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if isinstance(leaf, jax.Array) and leaf.nbytes >= min_bytes:
+            if leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) > 1:
+                bad.append(jax.tree_util.keystr(path))
+    return bad

@@ -1,0 +1,141 @@
+"""Metric output of a training run: JSON lines, TensorBoard events and PNG plots.
+
+Only the main process (``jax.process_index() == 0``) writes. `W/metrics.jsonl` holds one
+JSON object per logged step with `step` and namespaced keys (`train/loss`, `eval/dice_1`,
+`perf/volumes_per_sec`, ...). Appends are flushed line by line, so a killed run keeps every
+completed line, and a resumed run drops lines past the restored step before appending.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _to_python(v: Any) -> Any:
+    if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "__array__"):
+        arr = np.asarray(v)
+        return arr.item() if arr.ndim == 0 else arr.tolist()
+    return v
+
+
+class MetricWriter:
+    """JSONL + TensorBoard writer that is a no-op on non-main processes."""
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+        self.workdir = Path(workdir)
+        self.enabled = enabled
+        self._tb = None
+        self._file = None
+        if not enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.workdir / METRICS_FILE, "a", buffering=1)
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=30)
+            except ImportError:  # TensorBoard output is optional
+                self._tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop logged lines with `step` greater than the given step (used on resume)."""
+        if not self.enabled:
+            return
+        path = self.workdir / METRICS_FILE
+        self._file.close()
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", -1) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{x}\n" for x in kept))
+        os.replace(tmp, path)
+        self._file = open(path, "a", buffering=1)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for k, v in metrics.items():
+            row[k] = _to_python(v)
+        self._file.write(json.dumps(row, allow_nan=True) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_curves(workdir: str | os.PathLike, out_name: str = "curves.png") -> Path | None:
+    """Loss, Dice and validation-Dice curves from metrics.jsonl into a PNG (atomic write)."""
+    rows = read_metrics(workdir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("train/loss", "training loss (sum over clicks)"),
+        ("train/dice", "training Dice (last pass)"),
+        ("eval/", "validation Dice"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (key, title) in zip(axes, panels):
+        keys = (
+            sorted({k for r in rows for k in r if k.startswith(key)})
+            if key.endswith("/")
+            else [key]
+        )
+        keys = [k for k in keys if "dice" in k] if key == "eval/" else keys
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            if pts:
+                s, v = zip(*pts)
+                ax.plot(s, v, marker="o" if key == "eval/" else None, label=k)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if keys:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(workdir) / out_name
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
