@@ -10,7 +10,8 @@ Model code names axes logically: every parameter carries a ``logical_axes`` meta
                 tensor  tensor (model) parallelism inside the matmuls
 
 A dimension is only sharded when its size is divisible by the mesh axes it maps to;
-otherwise that dimension stays replicated (a 1-channel input conv cannot be split).
+otherwise that dimension stays replicated (a 1-channel input conv cannot be split), and an
+array left without the fsdp axis gets it on its largest divisible dimension instead.
 `jax.jit` with these shardings is the modern spelling of pjit.
 """
 
@@ -123,6 +124,13 @@ def logical_to_spec(
             used.update(target if isinstance(target, tuple) else (target,))
         else:
             spec.append(None)
+    # ZeRO-style fallback: an array whose named dimension cannot take the fsdp axis (not
+    # divisible) still gets it on its largest divisible unsharded dimension.
+    fsdp = mesh.shape.get("fsdp", 1)
+    if fsdp > 1 and "fsdp" not in used:
+        free = [i for i, t in enumerate(spec) if t is None and shape[i] % fsdp == 0]
+        if free:
+            spec[max(free, key=lambda i: shape[i])] = "fsdp"
     return PartitionSpec(*spec)
 
 
@@ -183,6 +191,51 @@ def shard(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     mesh, rules = active
     spec = logical_to_spec(logical, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def optimizer_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for an optimizer state: each leaf that mirrors a parameter (Adam moments,
+    whatever wrappers such as `multi_transform` put around them) takes that parameter's
+    sharding, matched by key-path suffix and shape; everything else (counters) is replicated.
+    """
+    by_path = {}
+    for path, s in jax.tree_util.tree_leaves_with_path(
+        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
+    ):
+        by_path[jax.tree_util.keystr(path)] = s
+    suffixes = sorted(by_path, key=len, reverse=True)
+    repl = replicated(mesh)
+
+    def pick(path: Any, leaf: Any) -> NamedSharding:
+        key = jax.tree_util.keystr(path)
+        for suffix in suffixes:
+            if key.endswith(suffix):
+                s = by_path[suffix]
+                if len(s.spec) <= len(getattr(leaf, "shape", ())):
+                    return s
+        return repl
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def init_optimizer_state(tx: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """`tx.init(params)` created directly with the shardings of `optimizer_shardings`."""
+    abstract = jax.eval_shape(tx.init, params)
+    out_sh = optimizer_shardings(abstract, param_shardings, mesh)
+    return jax.jit(tx.init, out_shardings=out_sh)(params)
+
+
+def to_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Replicate over `mesh` every array that lives on other devices (e.g. scalar counters
+    created by an optimizer's init on one device); sharded arrays are left as they are."""
+    devices = set(mesh.devices.flat)
+
+    def fix(x: Any) -> Any:
+        if isinstance(x, jax.Array) and set(x.sharding.device_set) != devices:
+            return jax.device_put(np.asarray(x), replicated(mesh))
+        return x
+
+    return jax.tree_util.tree_map(fix, tree)
 
 
 def nbytes_per_device(tree: Any) -> int:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -322,10 +321,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         params_host, rest_host = full.split(nnx.Param, ...)
         params = jax.device_put(params_host, param_sh)
         rest = jax.device_put(rest_host, rest_sh)
-        opt_state = jax.jit(tx.init)(params)
-        state = TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=opt_state
-        )
+        opt_state = sh.init_optimizer_state(tx, params, param_sh, mesh)
+        step0 = jax.device_put(np.zeros((), np.int32), sh.replicated(mesh))
+        state = TrainState(step=step0, params=params, rest=rest, opt_state=opt_state)
         start_batch = 0
         if latest is not None:
             state, position, meta = ckpt.restore(latest, abstract_like(state))
