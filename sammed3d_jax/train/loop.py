@@ -247,7 +247,8 @@ class Evaluator:
 
 def maybe_initialize_distributed(dist: Any) -> None:
     """`jax.distributed.initialize` from explicit settings or a detected cluster environment."""
-    if jax.process_count() > 1 or getattr(jax.distributed, "is_initialized", lambda: False)():
+    # Nothing here may touch the XLA backend before `initialize` (not even process_count).
+    if getattr(jax.distributed, "is_initialized", lambda: False)():
         return
     addr = dist.coordinator_address
     if addr:

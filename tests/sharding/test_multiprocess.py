@@ -1,0 +1,135 @@
+"""Two processes on localhost (4 fake CPU devices each, gloo collectives) train on one
+8-device mesh, checkpoint, and the run resumes in a single process on 4 devices; the losses
+equal those of a single-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+COMMON = [
+    "--config.train.num_clicks=1",
+    "--config.train.no_point_low=0",
+    "--config.train.no_point_high=0",
+    "--config.data.batch_size=8",
+    "--config.log_every=1",
+    "--config.checkpoint_every=2",
+    "--config.eval_every=1000",
+    "--config.val.root=",
+    "--config.optim.schedule=constant",
+    "--config.async_checkpointing=False",
+]
+
+
+def env(devices: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": str(devices),
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+    }
+
+
+def cmd(workdir: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"--workdir={workdir}",
+        f"--config.total_steps={steps}",
+        *COMMON,
+        *extra,
+    ]
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_then_resume_with_one(tmp_path):
+    single = tmp_path / "single"
+    proc = subprocess.run(
+        cmd(single, 4), cwd=REPO, env=env(8), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    multi = tmp_path / "multi"
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                "timeout",
+                "-k",
+                "10",
+                "600",
+                *cmd(
+                    multi,
+                    2,
+                    f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
+                ),
+            ],
+            cwd=REPO,
+            env=env(4),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=700)[1] for p in procs]
+    for p, e in zip(procs, errs):
+        assert p.returncode == 0, e[-3000:]
+    assert "process 0/2" in errs[0] and "process 1/2" in errs[1]
+    assert (multi / "checkpoints" / "2").is_dir()
+
+    proc = subprocess.run(
+        cmd(multi, 4), cwd=REPO, env=env(4), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "saved by 2 process(es)" in proc.stderr
+
+    a, b = losses(single), losses(multi)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("devices", [1])
+def test_resume_on_fewer_devices(tmp_path, devices):
+    """A checkpoint saved on an 8-device fsdp mesh restores onto one device."""
+    work = tmp_path / "fsdp"
+    proc = subprocess.run(
+        cmd(work, 2, "--config.mesh.data=2", "--config.mesh.fsdp=4"),
+        cwd=REPO,
+        env=env(8),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(
+        cmd(work, 3, "--config.mesh.data=1", "--config.mesh.fsdp=1"),
+        cwd=REPO,
+        env=env(devices),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(losses(work)) == [1, 2, 3]
