@@ -724,6 +724,17 @@ class ExampleMap:
         self._cache: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes get a copy without the lock and with an empty cache of their own.
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        state["_cache"] = collections.OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _prepared(self, element: Item) -> dict[str, Any]:
         if self.cache_items <= 0:
             return self.prepare(element.to_sample())

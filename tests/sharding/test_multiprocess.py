@@ -110,6 +110,7 @@ def test_two_processes_then_resume_with_one(tmp_path):
     np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [1])
 def test_resume_on_fewer_devices(tmp_path, devices):
     """A checkpoint saved on an 8-device fsdp mesh restores onto one device."""

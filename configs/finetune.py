@@ -1,0 +1,52 @@
+"""Fine-tune the released SAM-Med3D weights (the common case).
+
+    python convert_torch_weights.py sam_med3d_turbo.pth ckpt/turbo
+    python train.py --config configs/finetune.py:init_from=ckpt/turbo,data=/data/train,val=/data/val \
+        --workdir runs/finetune
+    python train.py --config configs/finetune.py:tiny,data=demo_data/train   # CPU smoke run
+
+Matches the original's fine-tuning script (lr 8e-5, AdamW, weight decay 0.1, the prompt encoder
+and decoder at 0.1x the encoder's rate, 11 simulated clicks per volume, 128³ crops at 1.5 mm,
+RAS+ orientation, random flips) with bfloat16 compute, float32 parameters and batch-pooled
+z-normalisation as the original's loop. `tiny` shrinks everything for a CPU run from scratch.
+"""
+
+from __future__ import annotations
+
+from configs.common import base_config, parse_arg
+
+
+def get_config(arg: str | None = None):
+    args = parse_arg(
+        arg, init_from="", data="", val="", records="", tiny=False, steps=20_000, batch=12
+    )
+    c = base_config()
+    c.init_from = args.init_from
+    c.data.root = args.data
+    c.data.records = args.records
+    c.val.root = args.val
+    c.data.batch_size = args.batch
+    c.optim.lr = 8e-5
+    c.optim.schedule = "warmup_cosine"
+    c.optim.warmup_steps = 200
+    c.optim.total_steps = args.steps
+    c.optim.grad_clip_norm = 1.0
+    c.total_steps = args.steps
+    c.eval_every = 1_000
+    c.checkpoint_every = 500
+    if args.tiny:
+        c.model.variant = "tiny"
+        c.model.dtype = "float32"
+        c.data.crop_size = 64
+        c.data.spacing = (3.0, 3.0, 3.0)
+        c.data.min_volume_mm3 = 1000.0
+        c.data.min_crop_voxels = 200
+        c.data.batch_size = 2
+        c.data.cache_items = 256
+        c.optim.lr = 1e-3
+        c.optim.prompt_decoder_lr_mult = 1.0
+        c.total_steps = c.optim.total_steps = 50
+        c.eval_every = 25
+        c.checkpoint_every = 25
+        c.log_every = 5
+    return c

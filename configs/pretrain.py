@@ -1,0 +1,36 @@
+"""Pre-training from scratch with the original recipe, at pod / cluster scale.
+
+    # TPU pod: the same command on every host (jax.distributed detects the pod).
+    python train.py --config configs/pretrain.py:records=gs://bucket/sam_med3d_shards \
+        --workdir gs://bucket/runs/pretrain --config.mesh.fsdp=8
+    # SLURM GPU cluster: one task per node (see README "Running on a TPU pod / GPU cluster").
+
+The original: `vit_b_ori`, AdamW lr 8e-4 (encoder) / 8e-5 (prompt encoder, decoder), weight
+decay 0.1 on every trained parameter, MultiStepLR x0.1 at 60 % and 90 % of training, 11 clicks
+with one no-point pass at a random step and at the end, DiceCE summed over passes, batch 12
+with 20-step gradient accumulation, batch-pooled z-normalisation, CT clamp for `ct*` datasets.
+Here the global batch is spread over the mesh (data x fsdp), parameters and optimizer state
+are sharded over `fsdp`, and compute is bfloat16.
+"""
+
+from __future__ import annotations
+
+from configs.common import base_config, parse_arg
+
+
+def get_config(arg: str | None = None):
+    args = parse_arg(arg, data="", records="", val="", batch=96, steps=200_000, accumulation=1)
+    c = base_config()
+    c.data.root = args.data
+    c.data.records = args.records
+    c.val.root = args.val
+    c.data.batch_size = args.batch
+    c.data.num_workers = 8
+    c.model.remat = True
+    c.optim.accumulation_steps = args.accumulation
+    c.optim.total_steps = args.steps
+    c.optim.milestones = (int(args.steps * 0.6), int(args.steps * 0.9))
+    c.total_steps = args.steps
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    return c
