@@ -1,5 +1,6 @@
 """sammed3d_jax: SAM-Med3D (promptable 3D medical segmentation) in JAX/Flax."""
 
+from sammed3d_jax.checkpoint import load_model
 from sammed3d_jax.model import (
     VARIANTS,
     Sam3D,
@@ -20,4 +21,5 @@ __all__ = [
     "abstract_sam3d",
     "build_sam3d",
     "count_params",
+    "load_model",
 ]

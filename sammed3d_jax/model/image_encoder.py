@@ -20,12 +20,13 @@ only, plus one extra key that stands for all padded keys at once: they share the
 and their summed softmax weight is a closed form because the bias above factorises per key
 column c:
 
-    sum_pad e^{logit} = e^{s q.b_k} (sum_c e^{A_c} SB_c SC_c  -  sum_{c real} e^{A_c} SB'_c SC'_c)
+    sum_pad e^{logit} = e^{s q.b_k} sum_{(a,b,c) padded} e^{A_c} e^{B_ac} e^{C_bc}
 
-with A_c the first term, SB_c / SC_c the sums of e^{second term} over a / of e^{third term}
-over b (all positions, or real positions only for the primed sums). Both modes give the same
-output (tested); "exact" does a fraction of the work (512 instead of 2,744 keys for
-`vit_b_ori`).
+with A, B, C the three terms above. Splitting the padded set into {c padded},
+{c real, a padded} and {c, a real, b padded} turns it into three sums over c of products of
+per-column sums over a and over b, all of positive terms, evaluated in log space. Both modes
+give the same output (tested); "exact" does a fraction of the work (512 instead of 2,744 keys
+for `vit_b_ori`).
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ from flax import nnx
 
 from sammed3d_jax.model.common import LayerNorm, MLPBlock, conv3d, gelu, linear
 from sammed3d_jax.model.config import Sam3DConfig
+from sammed3d_jax.sharding import shard
 
 Array = jax.Array
 F32 = jnp.float32
+TOKEN_AXES = ("batch", None, None, None, "act_embed")  # logical axes of (B, D, H, W, C) grids
 
 
 class PatchEmbed3D(nnx.Module):
@@ -184,17 +187,24 @@ class Attention(nnx.Module):
             terms = self._rel_terms(q, extent)
             logits = logits + terms.bias(d, h, w).reshape(b, self.num_heads, n, n)
         values = v.reshape(b, self.num_heads, n, -1).astype(self.dtype)
-        if window is None or (d, h, w) == (window,) * 3:
-            probs = jax.nn.softmax(logits, axis=-1)
-            out = jnp.einsum("bkxy,bkye->bkxe", probs.astype(self.dtype), values)
-        else:
-            pad_logit = self._padding_logit(q, (d, h, w), window, terms)
-            probs = jax.nn.softmax(
-                jnp.concatenate([logits, pad_logit[..., None]], axis=-1), axis=-1
-            )
-            b_v = self._bias_parts()[2][None, :, None, :].astype(self.dtype)
-            out = jnp.einsum("bkxy,bkye->bkxe", probs[..., :n].astype(self.dtype), values)
-            out = out + probs[..., n:].astype(self.dtype) * b_v
+        # Softmax with the normalisation applied after the PV product (one pass less over
+        # the n x n weights); the padded keys of a window enter as one extra logit.
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        pad_logit = None
+        if window is not None and (d, h, w) != (window,) * 3:
+            pad_logit = self._padding_logit(q, (d, h, w), window, terms)[..., None]
+            m = jnp.maximum(m, pad_logit)
+        m = jax.lax.stop_gradient(m)
+        e = jnp.exp(logits - m)
+        denom = jnp.sum(e, axis=-1, keepdims=True)
+        out = jnp.einsum(
+            "bkxy,bkye->bkxe", e.astype(self.dtype), values, preferred_element_type=F32
+        )
+        if pad_logit is not None:
+            e_pad = jnp.exp(pad_logit - m)
+            denom = denom + e_pad
+            out = out + e_pad * self._bias_parts()[2][None, :, None, :]
+        out = (out / denom).astype(self.dtype)
         out = out.reshape(b, self.num_heads, d, h, w, -1).transpose(0, 2, 3, 4, 1, 5)
         return self.proj(out.reshape(b, d, h, w, c))
 
@@ -212,14 +222,27 @@ class Attention(nnx.Module):
         if terms is None:
             log_pad = jnp.full(base.shape, np.log(window**3 - nd * nh * nw), F32)
         else:
-            # log of sum over key columns c of e^{A_c} * SB_c * SC_c, for all keys and for the
-            # real box, combined in log space so that nothing overflows or underflows.
+            # The padded keys are the window minus the real box, split into three disjoint
+            # sets so that every sum has positive terms only (no cancellation):
+            #   c >= nw;   c < nw and a >= nd;   c < nw, a < nd and b >= nh.
+            # Each is a log-sum-exp over the key column c of A_c + log SB_c + log SC_c.
             lse = jax.nn.logsumexp
-            sb_all, sb_real = lse(terms.b, axis=4), lse(terms.b[:, :, :, :, :nd], axis=4)
-            sc_all, sc_real = lse(terms.c, axis=4), lse(terms.c[:, :, :, :, :nh], axis=4)
-            t_all = lse(terms.a + (sb_all + sc_all)[:, :, :, :, None, :], axis=-1)
-            t_real = lse(terms.a[..., :nw] + (sb_real + sc_real)[:, :, :, :, None, :nw], axis=-1)
-            log_pad = t_all + jnp.log(-jnp.expm1(t_real - t_all))
+            x_ext = terms.b.shape[4]
+            sb_all, sc_all = lse(terms.b, axis=4), lse(terms.c, axis=4)  # (B, K, nd, nh, X)
+            sb_real = lse(terms.b[:, :, :, :, :nd], axis=4)
+            a = terms.a  # (B, K, nd, nh, nw, X)
+            parts = []
+            if nw < x_ext:
+                parts.append(lse(a[..., nw:] + (sb_all + sc_all)[:, :, :, :, None, nw:], axis=-1))
+            if nd < x_ext:
+                sb_pad = lse(terms.b[:, :, :, :, nd:], axis=4)
+                parts.append(lse(a[..., :nw] + (sb_pad + sc_all)[:, :, :, :, None, :nw], axis=-1))
+            if nh < x_ext:
+                sc_pad = lse(terms.c[:, :, :, :, nh:], axis=4)
+                parts.append(lse(a[..., :nw] + (sb_real + sc_pad)[:, :, :, :, None, :nw], axis=-1))
+            log_pad = parts[0]
+            for p in parts[1:]:
+                log_pad = jnp.logaddexp(log_pad, p)
         return (base + log_pad).reshape(b, self.num_heads, -1)
 
     def attend_padded(self, x: Array) -> Array:
@@ -371,7 +394,7 @@ class ImageEncoderViT3D(nnx.Module):
         x = self.patch_embed(x).astype(F32)
         if self.cfg.use_abs_pos:
             x = x + self.pos_embed[...]
-        return x
+        return shard(x, TOKEN_AXES)
 
     def neck_forward(self, x: Array) -> Array:
         for i, layer in enumerate(self.neck):
@@ -382,8 +405,8 @@ class ImageEncoderViT3D(nnx.Module):
         """x: (B, S, S, S, C_in) volume -> image embedding (B, g, g, g, prompt_embed_dim)."""
         x = self.embed_patches(x)
         for block in self.blocks:
-            x = _maybe_remat(block, self.cfg.remat)(x)
-        return self.neck_forward(x)
+            x = shard(_maybe_remat(block, self.cfg.remat)(x), TOKEN_AXES)
+        return shard(self.neck_forward(x), TOKEN_AXES)
 
 
 def _maybe_remat(block: Block3D, remat: bool):

@@ -9,6 +9,7 @@ from flax import nnx
 from sammed3d_jax.model.common import MLP, ConvTranspose3dK2, Embedding, LayerNorm, gelu
 from sammed3d_jax.model.config import Sam3DConfig
 from sammed3d_jax.model.transformer import TwoWayTransformer3D
+from sammed3d_jax.sharding import shard
 
 Array = jax.Array
 F32 = jnp.float32
@@ -96,6 +97,7 @@ class MaskDecoder3D(nnx.Module):
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             axis=1,
         )  # (B, M, C/8)
+        x = shard(x, ("batch", None, None, None, "act_embed"))
         masks = jnp.einsum(
             "bmc,bdhwc->bmdhw",
             hyper.astype(self.dtype),

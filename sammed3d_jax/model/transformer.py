@@ -15,6 +15,7 @@ from flax import nnx
 
 from sammed3d_jax.model.common import LayerNorm, MLPBlock, linear
 from sammed3d_jax.model.config import Sam3DConfig
+from sammed3d_jax.sharding import shard
 
 Array = jax.Array
 F32 = jnp.float32
@@ -128,6 +129,7 @@ class TwoWayTransformer3D(nnx.Module):
         queries = point_embedding.astype(F32)
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe, token_mask)
+            keys = shard(keys, ("batch", None, "act_embed"))
         q = queries + point_embedding
         k = keys + key_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
