@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +161,56 @@ def load_config(path: str | os.PathLike) -> Sam3DConfig:
         raise CheckpointError(f"{f}: invalid model config: {e}") from e
 
 
+def _training_run_model(path: Path, **config_overrides: Any) -> Sam3D:
+    """Parameters of the latest checkpoint of a `train.py` workdir."""
+    run_cfg = json.loads((path / "config.json").read_text())
+    model_cfg = dict(run_cfg["model"])
+    cfg = Sam3DConfig.from_variant(model_cfg.pop("variant"), **model_cfg)
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
+    if not steps:
+        raise CheckpointError(f"{path}: training run has no checkpoint yet")
+    model = nnx.eval_shape(lambda: Sam3D(cfg, rngs=nnx.Rngs(0)))
+    like = nnx.to_pure_dict(nnx.state(model))
+    state_dir = path / "checkpoints" / str(steps[-1]) / "state"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # no target shardings: host arrays
+            restored = ocp.PyTreeCheckpointer().restore(state_dir.absolute())
+    except Exception as e:  # orbax raises many types for missing/corrupt files
+        raise CheckpointError(f"{state_dir}: cannot restore parameters: {e}") from e
+    merged: dict = {}
+    for part in ("params", "rest"):
+        _deep_update(merged, _strip_value(restored[part]))
+    try:
+        _fill(model, _restore_int_keys(merged, like))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{state_dir}: parameters do not match {cfg}: {e}") from e
+    return model
+
+
+def _strip_value(tree: Any) -> Any:
+    """nnx.State checkpoints store each variable as {"value": array}."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+            return tree["value"]
+        return {k: _strip_value(v) for k, v in tree.items()}
+    return tree
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict):
+            _deep_update(dst.setdefault(k, {}), v)
+        else:
+            dst[k] = v
+
+
 def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
     """Load a model from a converted checkpoint directory or directly from a `.pth` file.
+
+    A `train.py` workdir also works: its latest checkpoint's parameters are loaded.
 
     `config_overrides` change numerics only (e.g. ``dtype="bfloat16"``,
     ``window_attention="padded"``); the architecture always comes from the checkpoint.
@@ -173,6 +222,8 @@ def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
         state_dict, _ = read_torch_checkpoint(path)
         model, _ = model_from_state_dict(state_dict, **config_overrides)
         return model
+    if (path / "checkpoints").is_dir() and not (path / PARAMS_DIR).exists():
+        return _training_run_model(path, **config_overrides)
     cfg = load_config(path)
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
