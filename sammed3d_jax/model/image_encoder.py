@@ -165,6 +165,22 @@ class Attention(nnx.Module):
         ct = jnp.einsum("bkijye,yxe->bkijyx", q_ext, t_w)
         return RelPosTerms(a, bt, ct)
 
+    def _logits(self, q: Array, k: Array, extent: int) -> tuple[Array, RelPosTerms | None]:
+        """Logits (B, K, n, n) float32 of q (B, K, d, h, w, E) against k, with the
+        relative-position bias for keys on a side-`extent` window, and its terms."""
+        b, heads, d, h, w, _ = q.shape
+        n = d * h * w
+        logits = jnp.einsum(
+            "bkxe,bkye->bkxy",
+            (q * self.scale).reshape(b, heads, n, -1),
+            k.reshape(b, heads, n, -1),
+            preferred_element_type=F32,
+        ).astype(F32)
+        if not self.use_rel_pos:
+            return logits, None
+        terms = self._rel_terms(q, extent)
+        return logits + terms.bias(d, h, w).reshape(b, heads, n, n), terms
+
     def attend(self, x: Array, window: int | None = None) -> Array:
         """Attention over the real tokens of one (possibly partly padded) window.
 
@@ -175,17 +191,7 @@ class Attention(nnx.Module):
         b, d, h, w, c = x.shape
         q, k, v = self._qkv(x)
         n = d * h * w
-        logits = jnp.einsum(
-            "bkxe,bkye->bkxy",
-            (q * self.scale).reshape(b, self.num_heads, n, -1),
-            k.reshape(b, self.num_heads, n, -1),
-            preferred_element_type=F32,
-        ).astype(F32)
-        extent = window if window is not None else w
-        terms = None
-        if self.use_rel_pos:
-            terms = self._rel_terms(q, extent)
-            logits = logits + terms.bias(d, h, w).reshape(b, self.num_heads, n, n)
+        logits, terms = self._logits(q, k, window if window is not None else w)
         values = v.reshape(b, self.num_heads, n, -1).astype(self.dtype)
         # Softmax with the normalisation applied after the PV product (one pass less over
         # the n x n weights); the padded keys of a window enter as one extra logit.
@@ -253,15 +259,7 @@ class Attention(nnx.Module):
         b, d, h, w, c = x.shape
         q, k, v = self._qkv(x)
         n = d * h * w
-        logits = jnp.einsum(
-            "bkxe,bkye->bkxy",
-            (q * self.scale).reshape(b, self.num_heads, n, -1),
-            k.reshape(b, self.num_heads, n, -1),
-            preferred_element_type=F32,
-        ).astype(F32)
-        if self.use_rel_pos:
-            bias = self._rel_terms(q, w).bias(d, h, w)
-            logits = logits + bias.reshape(b, self.num_heads, n, n)
+        logits, _ = self._logits(q, k, w)
         probs = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum(
             "bkxy,bkye->bkxe", probs.astype(self.dtype), v.reshape(b, self.num_heads, n, -1)
