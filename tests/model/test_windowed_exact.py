@@ -52,7 +52,9 @@ def test_exact_equals_padded(grid, window, qkv_bias):
         "tiny", encoder_embed_dim=24, encoder_num_heads=2, window_size=window, qkv_bias=qkv_bias
     )
     attn = random_attention(cfg, window, seed=grid * 100 + window)
-    x = jnp.asarray(np.random.default_rng(grid).standard_normal((2, grid, grid, grid, 24)), jnp.float32)
+    x = jnp.asarray(
+        np.random.default_rng(grid).standard_normal((2, grid, grid, grid, 24)), jnp.float32
+    )
     with jax.default_matmul_precision("highest"):
         wins, padded = window_partition(x, window)
         reference = window_unpartition(attn.attend_padded(wins), window, padded, x.shape[1:4])
@@ -62,7 +64,9 @@ def test_exact_equals_padded(grid, window, qkv_bias):
 
 def test_exact_handles_peaked_relative_positions():
     """Large relative-position logits: the log-space closed form must not over/underflow."""
-    cfg = Sam3DConfig.from_variant("tiny", encoder_embed_dim=24, encoder_num_heads=2, window_size=14)
+    cfg = Sam3DConfig.from_variant(
+        "tiny", encoder_embed_dim=24, encoder_num_heads=2, window_size=14
+    )
     attn = random_attention(cfg, 14, seed=7)
     for name in ("rel_pos_d", "rel_pos_h", "rel_pos_w"):
         table = getattr(attn, name)
@@ -83,11 +87,15 @@ def test_exact_attends_to_far_fewer_keys():
     attn = nnx.eval_shape(lambda: Attention(cfg, 14, rngs=nnx.Rngs(0)))
     x = jax.ShapeDtypeStruct((1, 8, 8, 8, 768), jnp.float32)
     exact = jax.jit(lambda a, x: windowed_attention_exact(a, x, 14)).lower(attn, x).cost_analysis()
-    padded = jax.jit(
-        lambda a, x: window_unpartition(
-            a.attend_padded(window_partition(x, 14)[0]), 14, (14, 14, 14), (8, 8, 8)
+    padded = (
+        jax.jit(
+            lambda a, x: window_unpartition(
+                a.attend_padded(window_partition(x, 14)[0]), 14, (14, 14, 14), (8, 8, 8)
+            )
         )
-    ).lower(attn, x).cost_analysis()
+        .lower(attn, x)
+        .cost_analysis()
+    )
     exact = exact[0] if isinstance(exact, list) else exact
     padded = padded[0] if isinstance(padded, list) else padded
     assert exact["flops"] < padded["flops"] / 3
