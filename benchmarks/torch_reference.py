@@ -1,6 +1,6 @@
 """The PyTorch side of the benchmarks: medim's SAM-Med3D run the way the original code runs it.
 
-`OriginalTrainStep` re-creates one step of the original `train.py` (spec §3.5–3.8): batch-pooled
+`OriginalTrainStep` re-creates one step of the original `train.py`: batch-pooled
 z-normalisation over voxels > 0, the image encoder once, 11 decoder passes with uniform clicks
 from the error region of the previous logits (> 0.5), a no-point pass at a random t in [2, 8] and
 at the end, the previous low-res logits as mask prompt, DiceCE (squared-denominator sigmoid Dice +
