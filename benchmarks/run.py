@@ -2,11 +2,15 @@
 
     python benchmarks/run.py --device cpu            # 2-core CPU, float32
     python benchmarks/run.py --device gpu            # one GPU, bfloat16 / fp16-autocast
+    python benchmarks/run.py --device gpu --attention cudnn,einsum --train-variants \
+        cudnn,cudnn+remat,einsum --torch-compile-batches 1,32   # variants side by side
 
 Both sides run in one process on the same inputs with the same random weights (ours are
 converted from the PyTorch model's state dict). Warm-up (compilation) is excluded; every figure
 is the median of repeated runs. The last line printed is one JSON object with a stable key per
 figure for both sides (`encoder_b1_ms` / `torch_encoder_b1_ms`, ...) and their ratios.
+Main keys are for the first `--attention` / `--train-variants` entry; the others appear as
+`encoder_<impl>_b<B>_ms` and `train_<variant>_*`.
 """
 
 from __future__ import annotations
@@ -53,28 +57,51 @@ def device_info(jax_mod, torch_mod) -> dict[str, Any]:
     return info
 
 
-def bench_encoder(ours, ref, batches, repeats, gpu, torch_compile) -> dict[str, float]:
+def encoder_variants(ours, impls: list[str]) -> dict[str, Any]:
+    """The same weights under each attention implementation, as (graphdef, state) pairs."""
+    from flax import nnx
+
+    out = {}
+    for impl in impls:
+        model = ours
+        if impl != ours.config.attention_impl:
+            model = type(ours)(ours.config.replace(attention_impl=impl), rngs=nnx.Rngs(0))
+            nnx.update(model, nnx.state(ours))
+        out[impl] = nnx.split(model)
+    return out
+
+
+def bench_encoder(variants, ref, batches, repeats, gpu, compile_batches) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
     from flax import nnx
 
-    graphdef, state = nnx.split(ours)
-
-    @jax.jit
-    def encode(state, x):
-        return nnx.merge(graphdef, state).encode(x)
-
     dev = "cuda" if gpu else "cpu"
     out: dict[str, float] = {}
-    compiled = torch.compile(ref.image_encoder) if torch_compile else None
+    compiled = torch.compile(ref.image_encoder, dynamic=False) if compile_batches else None
+    impls = list(variants)
+    fns = {}
+    for impl, (graphdef, state) in variants.items():
+
+        @jax.jit
+        def encode(state, x, graphdef=graphdef):
+            return nnx.merge(graphdef, state).encode(x)
+
+        fns[impl] = (encode, state)
     for b in batches:
         x = np.random.default_rng(b).standard_normal((b, 128, 128, 128), np.float32)
         xj = jax.device_put(jnp.asarray(x))
-        t = median_time(lambda xj=xj: encode(state, xj), repeats, jax.block_until_ready)
-        out[f"encoder_b{b}_ms"] = 1e3 * t
-        out[f"encoder_b{b}_volumes_per_sec"] = b / t
+        for i, impl in enumerate(impls):
+            encode, state = fns[impl]
+            t = median_time(
+                lambda xj=xj, f=encode, s=state: f(s, xj), repeats, jax.block_until_ready
+            )
+            key = f"encoder_b{b}" if i == 0 else f"encoder_{impl}_b{b}"
+            out[f"{key}_ms"] = 1e3 * t
+            out[f"{key}_volumes_per_sec"] = b / t
+        del xj
         xt = torch.from_numpy(x[:, None]).to(dev)
 
         def torch_sync(o):
@@ -86,15 +113,39 @@ def bench_encoder(ours, ref, batches, repeats, gpu, torch_compile) -> dict[str, 
             tt = median_time(lambda xt=xt: ref.image_encoder(xt), repeats, torch_sync)
             out[f"torch_encoder_b{b}_ms"] = 1e3 * tt
             out[f"torch_encoder_b{b}_volumes_per_sec"] = b / tt
-            if compiled is not None:
+            if compiled is not None and b in compile_batches:
                 tc = median_time(lambda xt=xt: compiled(xt), repeats, torch_sync)
                 out[f"torch_compiled_encoder_b{b}_ms"] = 1e3 * tc
                 out[f"torch_compiled_encoder_b{b}_volumes_per_sec"] = b / tc
+        del xt
+        if gpu:
+            torch.cuda.empty_cache()
+        t = out[f"encoder_b{b}_ms"] / 1e3
         out[f"ratio_encoder_b{b}"] = t / tt
-        if compiled is not None:
+        if f"torch_compiled_encoder_b{b}_ms" in out:
             out[f"ratio_encoder_b{b}_vs_compiled"] = (
                 t / out[f"torch_compiled_encoder_b{b}_ms"] * 1e3
             )
+    return out
+
+
+def encoder_accuracy(variants, ours_fp32_state, batch: int = 1) -> dict[str, float]:
+    """Relative max error of each variant's embedding against float32 at highest precision."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    graphdef32, state32 = ours_fp32_state
+    x = jnp.asarray(np.random.default_rng(99).standard_normal((batch, 128, 128, 128), np.float32))
+    with jax.default_matmul_precision("highest"):
+        ref = jax.jit(lambda s, x: nnx.merge(graphdef32, s).encode(x))(state32, x)
+    scale = float(jnp.max(jnp.abs(ref)))
+    out = {}
+    for impl, (graphdef, state) in variants.items():
+        emb = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s).encode(x))(state, x)
+        err = float(jnp.max(jnp.abs(emb.astype(jnp.float32) - ref))) / scale
+        out[f"accuracy_encoder_{impl}_max_rel_vs_fp32"] = err
     return out
 
 
@@ -144,11 +195,15 @@ def bench_click(ours, ref, repeats, gpu) -> dict[str, float]:
     return {"click_b1_ms": 1e3 * t, "torch_click_b1_ms": 1e3 * tt, "ratio_click_b1": t / tt}
 
 
-def bench_train(ours, ref, batch, clicks, repeats, gpu, peak_flops) -> dict[str, float]:
+def bench_train(ours, ref, batch, clicks, repeats, gpu, peak_flops, variants) -> dict[str, float]:
+    """The original recipe's step (batch, 11 clicks, AdamW), PyTorch first so that its
+    memory is returned before ours is measured; each of our variants is a config change
+    ("cudnn", "einsum+remat", ...) timed on the same batch."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
+    from flax import nnx
 
     from benchmarks.torch_reference import OriginalTrainStep
     from sammed3d_jax.train.optim import OptimConfig, make_optimizer
@@ -158,28 +213,10 @@ def bench_train(ours, ref, batch, clicks, repeats, gpu, peak_flops) -> dict[str,
     image = (rng.standard_normal((batch, 128, 128, 128)) * 100 + 50).astype(np.float32)
     label = np.zeros((batch, 128, 128, 128), np.uint8)
     label[:, 40:90, 30:80, 50:100] = 1
-    tx = make_optimizer(ours, OptimConfig())
-    graphdef, state = init_train_state(ours, tx)
-    step = jax.jit(make_train_step(graphdef, tx, TrainConfig(num_clicks=clicks)), donate_argnums=0)
-    data = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
-    key = jax.random.key(0)
-    holder = {"state": state}
+    out: dict[str, float] = {}
 
-    def run():
-        holder["state"], m = step(holder["state"], data, key)
-        return m
-
-    t = median_time(run, repeats, jax.block_until_ready)
-    out = {
-        "train_step_s": t,
-        "train_volumes_per_sec": batch / t,
-        "train_mfu_encoder_fwd_bwd": 3 * ENCODER_GFLOP_EXACT * 1e9 * batch / t / peak_flops,
-    }
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        out["train_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
     dev = "cuda" if gpu else "cpu"
-    trainer = OriginalTrainStep(ref)
+    trainer = OriginalTrainStep(ref, num_clicks=clicks)
     it, lt = torch.from_numpy(image).to(dev), torch.from_numpy(label).to(dev)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -194,8 +231,49 @@ def bench_train(ours, ref, batch, clicks, repeats, gpu, peak_flops) -> dict[str,
     out["torch_train_volumes_per_sec"] = batch / tt
     if gpu:
         out["torch_train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if "train_peak_gib" in out:
-            out["ratio_train_peak_memory"] = out["train_peak_gib"] / out["torch_train_peak_gib"]
+        del trainer, it, lt
+        torch.cuda.empty_cache()
+
+    data = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
+    key = jax.random.key(0)
+    for i, variant in enumerate(variants):
+        impl, _, extra = variant.partition("+")
+        cfg = ours.config.replace(attention_impl=impl, remat=extra == "remat")
+        model = type(ours)(cfg, rngs=nnx.Rngs(0))
+        # A copy: the step donates its state, which must not delete `ours`' arrays.
+        nnx.update(model, jax.tree.map(jnp.copy, nnx.state(ours)))
+        tx = make_optimizer(model, OptimConfig())
+        graphdef, state = init_train_state(model, tx)
+        step = jax.jit(
+            make_train_step(graphdef, tx, TrainConfig(num_clicks=clicks)), donate_argnums=0
+        )
+        compiled = step.lower(state, data, key).compile()
+        holder = {"state": state}
+
+        def run(compiled=compiled, holder=holder):
+            holder["state"], m = compiled(holder["state"], data, key)
+            return m
+
+        t = median_time(run, repeats, jax.block_until_ready)
+        name = "train" if i == 0 else f"train_{variant.replace('+', '_')}"
+        out[f"{name}_step_s"] = t
+        out[f"{name}_volumes_per_sec"] = batch / t
+        out[f"{name}_mfu_encoder_fwd_bwd"] = 3 * ENCODER_GFLOP_EXACT * 1e9 * batch / t / peak_flops
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            total = (
+                mem.temp_size_in_bytes
+                + mem.argument_size_in_bytes
+                + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes
+            )
+            out[f"{name}_compiled_gib"] = total / 2**30
+        del holder, compiled, state
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["train_process_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+    if gpu and "train_compiled_gib" in out:
+        out["ratio_train_peak_memory"] = out["train_compiled_gib"] / out["torch_train_peak_gib"]
     out["ratio_train_throughput"] = (
         out["train_volumes_per_sec"] / out["torch_train_volumes_per_sec"]
     )
@@ -227,9 +305,9 @@ def measure_matmul_peak(dtype_name: str) -> float:
     import jax
     import jax.numpy as jnp
 
-    n = 4096 if jax.devices()[0].platform == "gpu" else 1536
+    n = 8192 if jax.devices()[0].platform == "gpu" else 1536
     dtype = jnp.dtype(dtype_name)
-    a = jnp.ones((n, n), dtype)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)  # never time on constant data
     f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
     t = median_time(lambda: f(a), 5, jax.block_until_ready)
     return 2 * n**3 / t
@@ -242,13 +320,32 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--train-batch", type=int, default=None)
     parser.add_argument("--clicks", type=int, default=11)
-    parser.add_argument("--skip", default="", help="comma list of: encoder,click,train,pipeline")
+    parser.add_argument(
+        "--skip", default="", help="comma list of: encoder,accuracy,click,train,pipeline"
+    )
     parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+    parser.add_argument(
+        "--torch-compile-batches", default=None, help="batches to torch.compile (default: all)"
+    )
+    parser.add_argument(
+        "--attention",
+        default=None,
+        help="encoder attention implementations to time, first = main keys "
+        "(default: cudnn,einsum on GPU, einsum on CPU)",
+    )
+    parser.add_argument(
+        "--train-variants",
+        default=None,
+        help="training variants IMPL[+remat], first = main keys (default: first --attention)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     gpu = args.device == "gpu"
     skip = set(filter(None, args.skip.split(",")))
 
+    if gpu:
+        # Both frameworks share the GPU: JAX allocates on demand instead of taking 75 %.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import torch
 
@@ -263,33 +360,86 @@ def main(argv=None) -> int:
     from sammed3d_jax.checkpoint import model_from_state_dict
 
     dtype = "bfloat16" if gpu else "float32"
+    impls = (args.attention or ("cudnn,einsum" if gpu else "einsum")).split(",")
+    train_variants = (args.train_variants or impls[0]).split(",")
     ref = build_medim("cuda" if gpu else "cpu").eval()
     sd = {k: v.detach().cpu().numpy() for k, v in ref.state_dict().items()}
-    ours, _ = model_from_state_dict(sd, dtype=dtype)
+    ours, _ = model_from_state_dict(sd, dtype=dtype, attention_impl=impls[0])
     batches = [int(b) for b in (args.batches or ("1,4,12,32,64" if gpu else "1,2")).split(",")]
+    compile_batches = set()
+    if args.torch_compile:
+        compile_batches = set(batches)
+        if args.torch_compile_batches:
+            compile_batches = {int(b) for b in args.torch_compile_batches.split(",")}
     repeats = args.repeats or (10 if gpu else 3)
     result: dict[str, Any] = {"device": args.device, **device_info(jax, torch), "dtype": dtype}
+    result["attention_impls"] = impls
     peak = measure_matmul_peak(dtype)
     result["matmul_peak_tflops_measured"] = peak / 1e12
-    if "encoder" not in skip:
-        enc = bench_encoder(ours, ref, batches, repeats, gpu, args.torch_compile)
-        result.update(enc)
-        best = max(batches, key=lambda b: enc[f"encoder_b{b}_volumes_per_sec"])
-        result["encoder_best_batch"] = best
-        result["encoder_best_volumes_per_sec"] = enc[f"encoder_b{best}_volumes_per_sec"]
-        result["encoder_mfu_best"] = (
-            ENCODER_GFLOP_EXACT * 1e9 * enc[f"encoder_b{best}_volumes_per_sec"] / peak
-        )
-    if "click" not in skip:
-        result.update(bench_click(ours, ref, max(repeats, 5), gpu))
+
+    def section(name, fn):
+        """Run one section; a failure is recorded, not fatal, so the others still report."""
+        t0 = time.perf_counter()
+        try:
+            result.update(fn())
+        except Exception as e:  # report and go on: one broken section must not lose the rest
+            result[f"{name}_error"] = f"{type(e).__name__}: {e}"[:2000]
+        result[f"{name}_wall_s"] = time.perf_counter() - t0
+        print(f"[{name}] done in {result[f'{name}_wall_s']:.0f} s", file=sys.stderr, flush=True)
+        if args.out:  # partial results survive a run cut short
+            args.out.write_text(json.dumps(result, sort_keys=True) + "\n")
+
     if "train" not in skip:
         train_batch = args.train_batch or (12 if gpu else 1)
         ref.train()
-        result.update(
-            bench_train(ours, ref, train_batch, args.clicks, max(repeats // 3, 2), gpu, peak)
+        section(
+            "train",
+            lambda: bench_train(
+                ours,
+                ref,
+                train_batch,
+                args.clicks,
+                max(repeats // 3, 2),
+                gpu,
+                peak,
+                train_variants,
+            ),
         )
+        ref.eval()
         result["train_batch"] = train_batch
         result["train_clicks"] = args.clicks
+        result["train_variants"] = train_variants
+    variants = encoder_variants(ours, impls)
+    if "encoder" not in skip:
+        section(
+            "encoder",
+            lambda: bench_encoder(variants, ref, batches, repeats, gpu, compile_batches),
+        )
+        enc_keys = [b for b in batches if f"encoder_b{b}_volumes_per_sec" in result]
+        if enc_keys:
+            best = max(enc_keys, key=lambda b: result[f"encoder_b{b}_volumes_per_sec"])
+            result["encoder_best_batch"] = best
+            result["encoder_best_volumes_per_sec"] = result[f"encoder_b{best}_volumes_per_sec"]
+            result["encoder_mfu_best"] = (
+                ENCODER_GFLOP_EXACT * 1e9 * result["encoder_best_volumes_per_sec"] / peak
+            )
+            tc = [
+                result[f"torch_compiled_encoder_b{b}_volumes_per_sec"]
+                for b in batches
+                if f"torch_compiled_encoder_b{b}_volumes_per_sec" in result
+            ]
+            if tc:
+                result["torch_compiled_encoder_best_volumes_per_sec"] = max(tc)
+                result["ratio_encoder_best_throughput_vs_compiled"] = result[
+                    "encoder_best_volumes_per_sec"
+                ] / max(tc)
+    if gpu and "accuracy" not in skip:
+        fp32, _ = model_from_state_dict(sd, dtype="float32")
+        from flax import nnx
+
+        section("accuracy", lambda: encoder_accuracy(variants, nnx.split(fp32)))
+    if "click" not in skip:
+        section("click", lambda: bench_click(ours, ref, max(repeats, 5), gpu))
     if "pipeline" not in skip and (REPO.parent / "shared" / "data").is_dir():
         result.update(bench_pipeline())
     line = json.dumps(result, sort_keys=True)

@@ -50,7 +50,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # Architecture: a registry variant plus numeric options (see Sam3DConfig).
     c.model = ml_collections.ConfigDict(
-        dict(variant="vit_b_ori", dtype="bfloat16", remat=False, window_attention="exact")
+        dict(
+            variant="vit_b_ori",
+            dtype="bfloat16",
+            remat=False,
+            window_attention="exact",
+            attention_impl="einsum",
+        )
     )
     c.init_from = ""  # converted checkpoint dir or .pth (fine-tuning); "" = from scratch
     c.freeze_image_encoder = False

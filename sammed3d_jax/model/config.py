@@ -16,6 +16,11 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 WindowAttention = Literal["exact", "padded"]
+AttentionImpl = Literal["einsum", "xla", "cudnn"]
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+# Fields that change how the model computes, never which parameters it has: they may be
+# overridden when loading a checkpoint.
+NUMERIC_FIELDS = ("dtype", "window_attention", "attention_impl", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,10 @@ class Sam3DConfig:
       window_attention: "exact" computes windowed blocks over the real tokens plus a
         closed-form term for the zero-padded ones (same result, far fewer FLOPs);
         "padded" runs the original's literal padded windows (reference for tests).
+      attention_impl: encoder attention kernel. "einsum": explicit logits and softmax
+        (float32 softmax; the reference). "xla" / "cudnn": `jax.nn.dot_product_attention`
+        with the relative-position bias, through XLA or cuDNN's fused kernel ("cudnn"
+        needs a CUDA GPU and dtype bfloat16 or float16).
       remat: rematerialise each encoder block in the backward pass.
     """
 
@@ -68,6 +77,7 @@ class Sam3DConfig:
     attention_downsample_rate: int = 2
     dtype: str = "float32"
     window_attention: WindowAttention = "exact"
+    attention_impl: AttentionImpl = "einsum"
     remat: bool = False
 
     def __post_init__(self) -> None:
@@ -108,6 +118,12 @@ class Sam3DConfig:
             problems.append(
                 f"window_attention {self.window_attention!r} is not 'exact' or 'padded'"
             )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(
+                f"attention_impl {self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}"
+            )
+        elif self.attention_impl == "cudnn" and self.dtype == "float32":
+            problems.append("attention_impl 'cudnn' needs dtype bfloat16 or float16")
         if problems:
             raise ValueError("invalid Sam3DConfig: " + "; ".join(problems))
 

@@ -116,6 +116,7 @@ class Attention(nnx.Module):
         )
         self.proj = linear(dim, dim, axes=("heads", "embed"), dtype=self.dtype, rngs=rngs)
         self.use_rel_pos = cfg.use_rel_pos
+        self.attention_impl = cfg.attention_impl
         self.input_size = input_size
         if self.use_rel_pos:
             shape = (2 * input_size - 1, self.head_dim)
@@ -190,6 +191,9 @@ class Attention(nnx.Module):
         """
         b, d, h, w, c = x.shape
         q, k, v = self._qkv(x)
+        if self.attention_impl != "einsum":
+            out = self._attend_fused(q, k, v, window)
+            return self.proj(out.reshape(b, d, h, w, c))
         n = d * h * w
         logits, terms = self._logits(q, k, window if window is not None else w)
         values = v.reshape(b, self.num_heads, n, -1).astype(self.dtype)
@@ -213,6 +217,61 @@ class Attention(nnx.Module):
         out = (out / denom).astype(self.dtype)
         out = out.reshape(b, self.num_heads, d, h, w, -1).transpose(0, 2, 3, 4, 1, 5)
         return self.proj(out.reshape(b, d, h, w, c))
+
+    def _attend_fused(self, q: Array, k: Array, v: Array, window: int | None) -> Array:
+        """`jax.nn.dot_product_attention` (cuDNN's fused kernel, or XLA) with the
+        relative-position bias; the padded keys of a window enter as a few extra keys.
+
+        q, k, v: (B, K, d, h, w, E). Returns (B, d * h * w, K, E) in the compute dtype.
+        The padded keys' summed weight e^p is carried by a few keys of value b_v and zero
+        key vector whose bias logits split p (see `_split_logit`), so a bfloat16 bias keeps
+        that weight far more accurate than one rounded logit would.
+        """
+        if self.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+            raise ValueError(
+                f"attention_impl 'cudnn' needs a CUDA GPU (JAX backend is "
+                f"{jax.default_backend()!r}); use 'xla' or 'einsum'"
+            )
+        b, heads, d, h, w, e = q.shape
+        n = d * h * w
+        dt = self.dtype
+
+        def tokens(t: Array) -> Array:  # (B, K, d, h, w, E) -> (B, n, K, E)
+            return t.reshape(b, heads, n, e).transpose(0, 2, 1, 3).astype(dt)
+
+        qs, ks, vs = tokens(q), tokens(k), tokens(v)
+        bias = terms = None
+        if self.use_rel_pos:
+            terms = self._rel_terms(q, window if window is not None else w)
+            bias = terms.bias(d, h, w).reshape(b, heads, n, n)
+        if window is not None and (d, h, w) != (window,) * 3:
+            parts = _split_logit(self._padding_logit(q, (d, h, w), window, terms), dt)
+            if bias is None:
+                bias = jnp.zeros((b, heads, n, n), F32)
+            bias = jnp.concatenate([bias] + [t[..., None] for t in parts], axis=-1)
+            ks = jnp.concatenate([ks, jnp.zeros((b, len(parts), heads, e), dt)], axis=1)
+            b_v = self._bias_parts()[2].astype(dt)
+            vs = jnp.concatenate([vs, jnp.broadcast_to(b_v, (b, len(parts), heads, e))], axis=1)
+        if self.attention_impl == "cudnn" and (n % 2 or ks.shape[1] % 2):
+            # cuDNN's backward pass with a bias needs even sequence lengths: pad with
+            # zero queries (cropped below) and keys of negligible weight.
+            q_len, kv_len = n + n % 2, ks.shape[1] + ks.shape[1] % 2
+            if bias is None:
+                bias = jnp.zeros((b, heads, n, ks.shape[1]), F32)
+            qs = _pad_axis(qs, 1, q_len)
+            ks, vs = _pad_axis(ks, 1, kv_len), _pad_axis(vs, 1, kv_len)
+            bias = _pad_axis(_pad_axis(bias, 2, q_len), 3, kv_len, value=_NEGLIGIBLE)
+        if bias is not None:
+            bias = bias.astype(dt)
+        out = jax.nn.dot_product_attention(
+            qs,
+            ks,
+            vs,
+            bias=bias,
+            scale=self.scale,
+            implementation="cudnn" if self.attention_impl == "cudnn" else "xla",
+        )
+        return out[:, :n].astype(dt)
 
     def _padding_logit(
         self, q: Array, real: tuple[int, int, int], window: int, terms: RelPosTerms | None
@@ -266,6 +325,43 @@ class Attention(nnx.Module):
         )
         out = out.reshape(b, self.num_heads, d, h, w, -1).transpose(0, 2, 3, 4, 1, 5)
         return self.proj(out.reshape(b, d, h, w, c))
+
+
+_NEGLIGIBLE = -60.0  # a logit whose softmax weight vanishes next to any real key's
+
+
+def _split_logit(p: Array, dtype: jnp.dtype, parts: int = 3) -> list[Array]:
+    """Logits representable in `dtype` whose weights add up to e^p far more exactly than
+    one rounded logit's would.
+
+    Each part is the remaining weight's logit rounded down to `dtype`; the last carries the
+    rest, so the error is the last part's rounding of a small fraction of the weight.
+    p: float32. Every part carries p's tangent: shifting all of them by dp shifts the summed
+    weight by e^p dp, as for p itself.
+    """
+    p_c = jax.lax.stop_gradient(p)
+    out, remaining = [], p_c
+    for i in range(parts):
+        part = remaining.astype(dtype)
+        if i < parts - 1:
+            too_high = part.astype(F32) > remaining
+            part = jnp.where(too_high, jnp.nextafter(part, jnp.asarray(-jnp.inf, dtype)), part)
+        part = part.astype(F32)
+        out.append(part)
+        # log(e^remaining - e^part), floored where nothing is left
+        rest = jnp.expm1(remaining - part)
+        remaining = part + jnp.log(jnp.maximum(rest, np.exp(_NEGLIGIBLE)))
+    tangent = p - p_c  # zero, with p's derivative
+    return [part + tangent for part in out]
+
+
+def _pad_axis(x: Array, axis: int, size: int, value: float = 0.0) -> Array:
+    """x padded at the high end of `axis` to `size` with `value`."""
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
 
 
 def window_partition(x: Array, ws: int) -> tuple[Array, tuple[int, int, int]]:

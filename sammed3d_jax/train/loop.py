@@ -30,7 +30,7 @@ from flax import nnx
 
 from sammed3d_jax import sharding as sh
 from sammed3d_jax.data.pipeline import DataConfig, make_eval_dataset, make_train_dataset
-from sammed3d_jax.model.config import Sam3DConfig
+from sammed3d_jax.model.config import NUMERIC_FIELDS, Sam3DConfig
 from sammed3d_jax.model.sam import abstract_sam3d, host_init
 from sammed3d_jax.train.checkpoint import TrainCheckpointer, abstract_like
 from sammed3d_jax.train.optim import OptimConfig, make_optimizer
@@ -102,15 +102,9 @@ def _initial_params(config, cfg: Sam3DConfig, abstract_state: nnx.State) -> tupl
     if config.init_from:
         from sammed3d_jax.checkpoint import load_model
 
-        src = load_model(
-            config.init_from,
-            dtype=cfg.dtype,
-            remat=cfg.remat,
-            window_attention=cfg.window_attention,
-        )
-        loaded = src.config.replace(
-            dtype=cfg.dtype, remat=cfg.remat, window_attention=cfg.window_attention
-        )
+        numerics = {f: getattr(cfg, f) for f in NUMERIC_FIELDS}
+        src = load_model(config.init_from, **numerics)
+        loaded = src.config.replace(**numerics)
         if loaded != cfg:
             raise ValueError(
                 f"init_from {config.init_from}: its architecture differs from config.model "
