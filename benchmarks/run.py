@@ -73,12 +73,9 @@ def encoder_variants(ours, impls: list[str]) -> dict[str, Any]:
 
 def bench_encoder(variants, ref, batches, repeats, gpu, compile_batches) -> dict[str, float]:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     import torch
     from flax import nnx
 
-    dev = "cuda" if gpu else "cpu"
     out: dict[str, float] = {}
     compiled = torch.compile(ref.image_encoder, dynamic=False) if compile_batches else None
     impls = list(variants)
@@ -91,42 +88,53 @@ def bench_encoder(variants, ref, batches, repeats, gpu, compile_batches) -> dict
 
         fns[impl] = (encode, state)
     for b in batches:
-        x = np.random.default_rng(b).standard_normal((b, 128, 128, 128), np.float32)
-        xj = jax.device_put(jnp.asarray(x))
-        for i, impl in enumerate(impls):
-            encode, state = fns[impl]
-            t = median_time(
-                lambda xj=xj, f=encode, s=state: f(s, xj), repeats, jax.block_until_ready
-            )
-            key = f"encoder_b{b}" if i == 0 else f"encoder_{impl}_b{b}"
-            out[f"{key}_ms"] = 1e3 * t
-            out[f"{key}_volumes_per_sec"] = b / t
-        del xj
-        xt = torch.from_numpy(x[:, None]).to(dev)
-
-        def torch_sync(o):
+        try:
+            _encoder_batch(out, fns, impls, b, ref, repeats, gpu, compiled, compile_batches)
+        except Exception as e:  # e.g. out of memory at a large batch: keep the others
+            out[f"encoder_b{b}_error"] = f"{type(e).__name__}: {e}"[:500]
             if gpu:
-                torch.cuda.synchronize()
-            return o
-
-        with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
-            tt = median_time(lambda xt=xt: ref.image_encoder(xt), repeats, torch_sync)
-            out[f"torch_encoder_b{b}_ms"] = 1e3 * tt
-            out[f"torch_encoder_b{b}_volumes_per_sec"] = b / tt
-            if compiled is not None and b in compile_batches:
-                tc = median_time(lambda xt=xt: compiled(xt), repeats, torch_sync)
-                out[f"torch_compiled_encoder_b{b}_ms"] = 1e3 * tc
-                out[f"torch_compiled_encoder_b{b}_volumes_per_sec"] = b / tc
-        del xt
-        if gpu:
-            torch.cuda.empty_cache()
-        t = out[f"encoder_b{b}_ms"] / 1e3
-        out[f"ratio_encoder_b{b}"] = t / tt
-        if f"torch_compiled_encoder_b{b}_ms" in out:
-            out[f"ratio_encoder_b{b}_vs_compiled"] = (
-                t / out[f"torch_compiled_encoder_b{b}_ms"] * 1e3
-            )
+                torch.cuda.empty_cache()
     return out
+
+
+def _encoder_batch(out, fns, impls, b, ref, repeats, gpu, compiled, compile_batches) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    dev = "cuda" if gpu else "cpu"
+    x = np.random.default_rng(b).standard_normal((b, 128, 128, 128), np.float32)
+    xj = jax.device_put(jnp.asarray(x))
+    for i, impl in enumerate(impls):
+        encode, state = fns[impl]
+        t = median_time(lambda xj=xj, f=encode, s=state: f(s, xj), repeats, jax.block_until_ready)
+        key = f"encoder_b{b}" if i == 0 else f"encoder_{impl}_b{b}"
+        out[f"{key}_ms"] = 1e3 * t
+        out[f"{key}_volumes_per_sec"] = b / t
+    del xj
+    xt = torch.from_numpy(x[:, None]).to(dev)
+
+    def torch_sync(o):
+        if gpu:
+            torch.cuda.synchronize()
+        return o
+
+    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
+        tt = median_time(lambda xt=xt: ref.image_encoder(xt), repeats, torch_sync)
+        out[f"torch_encoder_b{b}_ms"] = 1e3 * tt
+        out[f"torch_encoder_b{b}_volumes_per_sec"] = b / tt
+        if compiled is not None and b in compile_batches:
+            tc = median_time(lambda xt=xt: compiled(xt), repeats, torch_sync)
+            out[f"torch_compiled_encoder_b{b}_ms"] = 1e3 * tc
+            out[f"torch_compiled_encoder_b{b}_volumes_per_sec"] = b / tc
+    del xt
+    if gpu:
+        torch.cuda.empty_cache()
+    t = out[f"encoder_b{b}_ms"] / 1e3
+    out[f"ratio_encoder_b{b}"] = t / tt
+    if f"torch_compiled_encoder_b{b}_ms" in out:
+        out[f"ratio_encoder_b{b}_vs_compiled"] = t / out[f"torch_compiled_encoder_b{b}_ms"] * 1e3
 
 
 def encoder_accuracy(variants, ours_fp32_state, batch: int = 1) -> dict[str, float]:
