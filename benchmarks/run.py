@@ -206,7 +206,7 @@ def bench_click(ours, ref, repeats, gpu) -> dict[str, float]:
 def bench_train(ours, ref, batch, clicks, repeats, gpu, peak_flops, variants) -> dict[str, float]:
     """The original recipe's step (batch, 11 clicks, AdamW), PyTorch first so that its
     memory is returned before ours is measured; each of our variants is a config change
-    ("cudnn", "einsum+remat", ...) timed on the same batch."""
+    ("cudnn", "einsum+remat", "cudnn+unroll", ...) timed on the same batch."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -245,16 +245,18 @@ def bench_train(ours, ref, batch, clicks, repeats, gpu, peak_flops, variants) ->
     data = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
     key = jax.random.key(0)
     for i, variant in enumerate(variants):
-        impl, _, extra = variant.partition("+")
-        cfg = ours.config.replace(attention_impl=impl, remat=extra == "remat")
+        impl, *flags = variant.split("+")
+        unknown = set(flags) - {"remat", "unroll"}
+        if unknown:
+            raise ValueError(f"train variant {variant!r}: unknown flags {sorted(unknown)}")
+        cfg = ours.config.replace(attention_impl=impl, remat="remat" in flags)
+        train_cfg = TrainConfig(num_clicks=clicks, unroll_clicks="unroll" in flags)
         model = type(ours)(cfg, rngs=nnx.Rngs(0))
         # A copy: the step donates its state, which must not delete `ours`' arrays.
         nnx.update(model, jax.tree.map(jnp.copy, nnx.state(ours)))
         tx = make_optimizer(model, OptimConfig())
         graphdef, state = init_train_state(model, tx)
-        step = jax.jit(
-            make_train_step(graphdef, tx, TrainConfig(num_clicks=clicks)), donate_argnums=0
-        )
+        step = jax.jit(make_train_step(graphdef, tx, train_cfg), donate_argnums=0)
         compiled = step.lower(state, data, key).compile()
         holder = {"state": state}
 
@@ -344,7 +346,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--train-variants",
         default=None,
-        help="training variants IMPL[+remat], first = main keys (default: first --attention)",
+        help="training variants IMPL[+remat][+unroll] (encoder remat, unrolled click loop), "
+        "first = main keys (default: first --attention)",
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)

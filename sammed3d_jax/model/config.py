@@ -16,8 +16,8 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 WindowAttention = Literal["exact", "padded"]
-AttentionImpl = Literal["einsum", "xla", "cudnn"]
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+AttentionImpl = Literal["auto", "einsum", "xla", "cudnn"]
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
 # Fields that change how the model computes, never which parameters it has: they may be
 # overridden when loading a checkpoint.
 NUMERIC_FIELDS = ("dtype", "window_attention", "attention_impl", "remat")
@@ -49,7 +49,9 @@ class Sam3DConfig:
       attention_impl: encoder attention kernel. "einsum": explicit logits and softmax
         (float32 softmax; the reference). "xla" / "cudnn": `jax.nn.dot_product_attention`
         with the relative-position bias, through XLA or cuDNN's fused kernel ("cudnn"
-        needs a CUDA GPU and dtype bfloat16 or float16).
+        needs a CUDA GPU and dtype bfloat16 or float16). "auto": "cudnn" where that works
+        (bfloat16/float16 on an NVIDIA GPU of compute capability >= 8.0; measured faster,
+        BENCHMARKS.md), else "einsum".
       remat: rematerialise each encoder block in the backward pass.
     """
 
@@ -77,7 +79,7 @@ class Sam3DConfig:
     attention_downsample_rate: int = 2
     dtype: str = "float32"
     window_attention: WindowAttention = "exact"
-    attention_impl: AttentionImpl = "einsum"
+    attention_impl: AttentionImpl = "auto"
     remat: bool = False
 
     def __post_init__(self) -> None:

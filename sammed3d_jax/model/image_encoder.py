@@ -191,7 +191,7 @@ class Attention(nnx.Module):
         """
         b, d, h, w, c = x.shape
         q, k, v = self._qkv(x)
-        if self.attention_impl != "einsum":
+        if resolve_attention_impl(self.attention_impl, self.dtype) != "einsum":
             out = self._attend_fused(q, k, v, window)
             return self.proj(out.reshape(b, d, h, w, c))
         n = d * h * w
@@ -227,10 +227,11 @@ class Attention(nnx.Module):
         key vector whose bias logits split p (see `_split_logit`), so a bfloat16 bias keeps
         that weight far more accurate than one rounded logit would.
         """
-        if self.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        impl = resolve_attention_impl(self.attention_impl, self.dtype)
+        if impl == "cudnn" and not cudnn_attention_available():
             raise ValueError(
-                f"attention_impl 'cudnn' needs a CUDA GPU (JAX backend is "
-                f"{jax.default_backend()!r}); use 'xla' or 'einsum'"
+                f"attention_impl 'cudnn' needs an NVIDIA GPU of compute capability >= 8.0 "
+                f"(JAX backend is {jax.default_backend()!r}); use 'auto', 'xla' or 'einsum'"
             )
         b, heads, d, h, w, e = q.shape
         n = d * h * w
@@ -252,7 +253,7 @@ class Attention(nnx.Module):
             ks = jnp.concatenate([ks, jnp.zeros((b, len(parts), heads, e), dt)], axis=1)
             b_v = self._bias_parts()[2].astype(dt)
             vs = jnp.concatenate([vs, jnp.broadcast_to(b_v, (b, len(parts), heads, e))], axis=1)
-        if self.attention_impl == "cudnn" and (n % 2 or ks.shape[1] % 2):
+        if impl == "cudnn" and (n % 2 or ks.shape[1] % 2):
             # cuDNN's backward pass with a bias needs even sequence lengths: pad with
             # zero queries (cropped below) and keys of negligible weight.
             q_len, kv_len = n + n % 2, ks.shape[1] + ks.shape[1] % 2
@@ -269,7 +270,7 @@ class Attention(nnx.Module):
             vs,
             bias=bias,
             scale=self.scale,
-            implementation="cudnn" if self.attention_impl == "cudnn" else "xla",
+            implementation=impl,
         )
         return out[:, :n].astype(dt)
 
@@ -325,6 +326,25 @@ class Attention(nnx.Module):
         )
         out = out.reshape(b, self.num_heads, d, h, w, -1).transpose(0, 2, 3, 4, 1, 5)
         return self.proj(out.reshape(b, d, h, w, c))
+
+
+def cudnn_attention_available() -> bool:
+    """Whether cuDNN's fused attention with a bias can run on JAX's default device."""
+    if jax.default_backend() != "gpu":
+        return False
+    dev = jax.devices()[0]
+    try:
+        return dev.device_kind.startswith("NVIDIA") and float(dev.compute_capability) >= 8.0
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def resolve_attention_impl(impl: str, dtype: jnp.dtype) -> str:
+    """The kernel that `attention_impl` stands for here ("auto" picks by device and dtype)."""
+    if impl != "auto":
+        return impl
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and cudnn_attention_available() else "einsum"
 
 
 _NEGLIGIBLE = -60.0  # a logit whose softmax weight vanishes next to any real key's

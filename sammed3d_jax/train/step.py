@@ -89,6 +89,8 @@ class TrainConfig:
       normalization: "per_volume" or "batch" z-normalisation statistics.
       dice_threshold: logit threshold of the logged Dice.
       remat_clicks: rematerialise each decoder pass in the backward pass (less memory).
+      unroll_clicks: unroll the click loop (one straight-line program instead of a device
+        loop: no per-pass loop control, more fusion across passes; slower to compile).
     """
 
     num_clicks: int = 11
@@ -101,6 +103,7 @@ class TrainConfig:
     normalization: Normalization = "per_volume"
     dice_threshold: float = 0.5
     remat_clicks: bool = False
+    unroll_clicks: bool = False
 
     def __post_init__(self) -> None:
         if self.num_clicks < 1:
@@ -255,7 +258,10 @@ def make_loss_fn(
             jnp.zeros((b, n_slots), bool),
         )
         (_, full, *_), (losses, n_valid) = jax.lax.scan(
-            body, init, (jnp.arange(n_iter, dtype=jnp.int32), keys)
+            body,
+            init,
+            (jnp.arange(n_iter, dtype=jnp.int32), keys),
+            unroll=n_iter if cfg.unroll_clicks else 1,
         )
         n_samples = jnp.maximum(jnp.sum(sample_mask).astype(F32), 1.0)
         dice = _masked_mean(dice_score(full, gt, cfg.dice_threshold), sample_mask)

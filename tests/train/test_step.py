@@ -214,6 +214,23 @@ def test_multi_click_with_remat_runs(model):
     assert int(state.step) == 1
 
 
+def test_unrolled_click_loop_matches_scan(model):
+    tx = make_optimizer(model, OPTIM)
+    results = []
+    for unroll in (False, True):
+        cfg = TrainConfig(num_clicks=3, no_point_low=1, no_point_high=1, unroll_clicks=unroll)
+        graphdef, state = init_train_state(model, tx)
+        step = jax.jit(make_train_step(graphdef, tx, cfg), compiler_options=FAST)
+        results.append(step(state, sphere_batch(batch=1), jax.random.key(0)))
+    (s0, m0), (s1, m1) = results
+    for k in m0:
+        np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5, err_msg=k)
+    # Same update up to rounding: Adam's first step moves each parameter by about lr = 3e-3,
+    # so differences far below that are summation order, not a different computation.
+    for x, y in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=3e-5)
+
+
 def test_bfloat16_compute_float32_params(model):
     cfg16 = Sam3DConfig.from_variant("tiny", dtype="bfloat16")
     graphdef16 = nnx.graphdef(abstract_sam3d(cfg16))
