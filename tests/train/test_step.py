@@ -215,20 +215,24 @@ def test_multi_click_with_remat_runs(model):
 
 
 def test_unrolled_click_loop_matches_scan(model):
-    tx = make_optimizer(model, OPTIM)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    batch = sphere_batch(batch=1)
     results = []
     for unroll in (False, True):
         cfg = TrainConfig(num_clicks=3, no_point_low=1, no_point_high=1, unroll_clicks=unroll)
-        graphdef, state = init_train_state(model, tx)
-        step = jax.jit(make_train_step(graphdef, tx, cfg), compiler_options=FAST)
-        results.append(step(state, sphere_batch(batch=1), jax.random.key(0)))
-    (s0, m0), (s1, m1) = results
-    for k in m0:
-        np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5, err_msg=k)
-    # Same update up to rounding: Adam's first step moves each parameter by about lr = 3e-3,
-    # so differences far below that are summation order, not a different computation.
-    for x, y in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params)):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=3e-5)
+        fn = jax.jit(
+            jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True), compiler_options=FAST
+        )
+        results.append(fn(params, rest, batch, jax.random.key(0)))
+    ((l0, a0), g0), ((l1, a1), g1) = results
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    for k in a0:
+        np.testing.assert_allclose(float(a1[k]), float(a0[k]), rtol=1e-5, err_msg=k)
+    # Per-leaf scale, floored for leaves whose exact gradient is zero (rounding noise only).
+    floor = 1e-3 * max(float(np.max(np.abs(x))) for x in jax.tree.leaves(g0))
+    for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        scale = max(float(np.max(np.abs(x))), floor)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=1e-4 * scale)
 
 
 def test_bfloat16_compute_float32_params(model):
