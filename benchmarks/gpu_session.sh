@@ -27,8 +27,8 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log
   tail -n 3 "$OUT/$name.log"
 }
 
-# Golden parity and the cuDNN tests ran green on an H100 (BENCHMARKS.md); the time goes to
-# the benchmarks. Train first: the original's step needs ~63 GiB, more than is left once
+# Golden parity and the cuDNN tests of padded windows ran green on an H100 (BENCHMARKS.md);
+# the time goes to the benchmarks. Train first: the original's step needs ~63 GiB, more than is left once
 # both frameworks have cached the encoder runs' memory.
 step bench "${BENCH_LIMIT:-400}" python3 benchmarks/run.py --device gpu \
   --batches 1,16,64 --train-batch 12 --attention cudnn,einsum \
