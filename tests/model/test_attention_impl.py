@@ -92,7 +92,9 @@ def test_fused_equals_einsum_float32(case):
     assert rel(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("case", ["one_padded_window", "partial_windows"])
+@pytest.mark.parametrize(
+    "case", ["one_padded_window", pytest.param("partial_windows", marks=pytest.mark.slow)]
+)
 def test_fused_gradients_equal_einsum(case):
     img, window, extra = CASES[case]
     enc = random_encoder(small_cfg(img, window, **extra), seed=3)
