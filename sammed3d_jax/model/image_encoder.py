@@ -27,6 +27,13 @@ with A, B, C the three terms above. Splitting the padded set into {c padded},
 per-column sums over a and over b, all of positive terms, evaluated in log space. Both modes
 give the same output (tested); "exact" does a fraction of the work (512 instead of 2,744 keys
 for `vit_b_ori`).
+
+Kernels. `attention_impl="einsum"` writes the logits out and applies a float32 softmax (the
+reference). "xla" and "cudnn" hand queries, keys, values and the bias to
+`jax.nn.dot_product_attention` (cuDNN's fused kernel on NVIDIA GPUs); there the padded keys'
+closed-form weight enters as three extra keys of value b_v whose bias logits split it, so a
+bfloat16 bias keeps it accurate. "auto" (default) picks "cudnn" for bfloat16/float16 on an
+NVIDIA GPU and "einsum" otherwise.
 """
 
 from __future__ import annotations
@@ -255,13 +262,13 @@ class Attention(nnx.Module):
             vs = jnp.concatenate([vs, jnp.broadcast_to(b_v, (b, len(parts), heads, e))], axis=1)
         if impl == "cudnn" and (n % 2 or ks.shape[1] % 2):
             # cuDNN's backward pass with a bias needs even sequence lengths: pad with
-            # zero queries (cropped below) and keys of negligible weight.
+            # zero queries (cropped below) and filler keys of zero weight.
             q_len, kv_len = n + n % 2, ks.shape[1] + ks.shape[1] % 2
             if bias is None:
                 bias = jnp.zeros((b, heads, n, ks.shape[1]), F32)
             qs = _pad_axis(qs, 1, q_len)
             ks, vs = _pad_axis(ks, 1, kv_len), _pad_axis(vs, 1, kv_len)
-            bias = _pad_axis(_pad_axis(bias, 2, q_len), 3, kv_len, value=_NEGLIGIBLE)
+            bias = _pad_axis(_pad_axis(bias, 2, q_len), 3, kv_len, value=_EXCLUDED)
         if bias is not None:
             bias = bias.astype(dt)
         out = jax.nn.dot_product_attention(
@@ -347,7 +354,8 @@ def resolve_attention_impl(impl: str, dtype: jnp.dtype) -> str:
     return "cudnn" if half and cudnn_attention_available() else "einsum"
 
 
-_NEGLIGIBLE = -60.0  # a logit whose softmax weight vanishes next to any real key's
+_NEGLIGIBLE = -60.0  # log of a weight fraction too small to matter (e^-60 ~ 1e-26)
+_EXCLUDED = -1.0e4  # bias of filler keys: zero weight next to any real logit
 
 
 def _split_logit(p: Array, dtype: jnp.dtype, parts: int = 3) -> list[Array]:
