@@ -37,3 +37,21 @@ def golden_folders() -> list[Path]:
     if root is None:
         return []
     return sorted(p.parent for p in (root / "golden").glob("*/io.npz"))
+
+
+def randomize_params(module, seed: int, scale: float = 0.3):
+    """Fill every parameter of an nnx module with N(0, scale²) draws (in place; returns it)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    state = nnx.state(module)
+    rng = np.random.default_rng(seed)
+    pure = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * scale),
+        nnx.to_pure_dict(state),
+    )
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(module, state)
+    return module

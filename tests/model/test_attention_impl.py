@@ -22,6 +22,7 @@ from sammed3d_jax.model.image_encoder import (
     cudnn_attention_available,
     resolve_attention_impl,
 )
+from tests.conftest import randomize_params
 
 CASES = {
     # name: (img_size, window size, extra config); patch 8, so the grid side is img / 8
@@ -49,16 +50,7 @@ def small_cfg(img: int, window: int, **extra) -> Sam3DConfig:
 
 
 def random_encoder(cfg: Sam3DConfig, seed: int = 0) -> ImageEncoderViT3D:
-    enc = ImageEncoderViT3D(cfg, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(seed)
-    state = nnx.state(enc)
-    pure = jax.tree_util.tree_map(
-        lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * 0.3),
-        nnx.to_pure_dict(state),
-    )
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(enc, state)
-    return enc
+    return randomize_params(ImageEncoderViT3D(cfg, rngs=nnx.Rngs(0)), seed)
 
 
 def with_numerics(enc: ImageEncoderViT3D, **numerics) -> ImageEncoderViT3D:

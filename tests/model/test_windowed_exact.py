@@ -21,19 +21,11 @@ from sammed3d_jax.model.image_encoder import (
     window_unpartition,
     windowed_attention_exact,
 )
+from tests.conftest import randomize_params
 
 
 def random_attention(cfg: Sam3DConfig, side: int, seed: int) -> Attention:
-    attn = nnx.eval_shape(lambda: Attention(cfg, side, rngs=nnx.Rngs(0)))
-    state = nnx.state(attn)
-    rng = np.random.default_rng(seed)
-    pure = jax.tree_util.tree_map(
-        lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * 0.3),
-        nnx.to_pure_dict(state),
-    )
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(attn, state)
-    return attn
+    return randomize_params(nnx.eval_shape(lambda: Attention(cfg, side, rngs=nnx.Rngs(0))), seed)
 
 
 @pytest.mark.parametrize(
