@@ -19,7 +19,12 @@ from sammed3d_jax import Sam3DConfig  # noqa: E402
 from sammed3d_jax.checkpoint import model_from_state_dict  # noqa: E402
 from sammed3d_jax.convert.torch_to_jax import flax_state_to_torch  # noqa: E402
 from sammed3d_jax.convert.verify import build_reference  # noqa: E402
-from sammed3d_jax.model.common import ConvTranspose3dK2, upsample_logits  # noqa: E402
+from sammed3d_jax.model.common import (  # noqa: E402
+    ConvTranspose3dK2,
+    gelu,
+    upsample_linear_axis,
+    upsample_logits,
+)
 
 pytestmark = pytest.mark.torch
 TOL = 1e-4
@@ -204,3 +209,54 @@ def test_trilinear_upsampling_matches_pytorch(size):
     np.testing.assert_allclose(
         np.asarray(upsample_logits(jnp.asarray(x), size)), ref.numpy(), atol=2e-6
     )
+
+
+@pytest.mark.parametrize("size", [(128, 128, 128), (40, 50, 33)])
+def test_trilinear_upsampling_gradient_matches_pytorch(size):
+    """The hand-written backward pass (transposed interpolation matrices) = PyTorch's."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 1, 16, 16, 16)).astype(np.float32)
+    w = rng.standard_normal((2, 1, *size)).astype(np.float32)
+    xt = t(x).requires_grad_(True)
+    up = torch.nn.functional.interpolate(xt, size=size, mode="trilinear", align_corners=False)
+    (up * t(w)).sum().backward()
+    ours = jax.grad(lambda v: jnp.sum(upsample_logits(v, size) * w))(jnp.asarray(x))
+    ref = xt.grad.numpy()  # sums of ~512 products: compare at float32 rounding of the scale
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=4e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize(("n", "out"), [(32, 128), (16, 32), (1, 4), (5, 15), (32, 96), (7, 3)])
+def test_linear_resize_equals_two_tap_gather_bitwise(n, out):
+    """The slice form of integer factors and the gather form compute identical bits."""
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((2, n, 3, n)).astype(np.float32))
+    scale = np.float32(n) / np.float32(out)
+    src = np.maximum((np.arange(out, dtype=np.float32) + 0.5) * scale - 0.5, 0).astype(np.float32)
+    i0 = np.floor(src).astype(np.int32)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    w0 = np.float32(1) - w1
+    for axis in (1, 3):
+        shape = [1, 1, 1, 1]
+        shape[axis] = out
+        ref = w0.reshape(shape) * jnp.take(x, i0, axis=axis) + w1.reshape(shape) * jnp.take(
+            x, i1, axis=axis
+        )
+        np.testing.assert_array_equal(np.asarray(upsample_linear_axis(x, axis, out)), ref)
+
+
+def test_gelu_gradient_matches_pytorch():
+    """The input-only backward pass of the exact GELU = PyTorch's autograd."""
+    x = np.concatenate(
+        [np.linspace(-9, 9, 2001), np.random.default_rng(10).standard_normal(999) * 3]
+    ).astype(np.float32)
+    xt = t(x).requires_grad_(True)
+    torch.nn.functional.gelu(xt).sum().backward()
+    ours = jax.grad(lambda v: jnp.sum(gelu(v)))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(ours), xt.grad.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(
+        np.asarray(gelu(jnp.asarray(x))), jax.nn.gelu(x, approximate=False)
+    )
+    xb = jnp.asarray(x, jnp.bfloat16)
+    gb = jax.grad(lambda v: jnp.sum(gelu(v).astype(jnp.float32)))(xb)
+    assert gb.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(gb, np.float32), xt.grad.numpy(), atol=2e-2)
