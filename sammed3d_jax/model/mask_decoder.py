@@ -98,12 +98,15 @@ class MaskDecoder3D(nnx.Module):
             axis=1,
         )  # (B, M, C/8)
         x = shard(x, ("batch", None, None, None, "act_embed"))
+        # Channels-last product, then the (small) mask axis moved to the front: contracting
+        # the embedding in its own layout avoids a transposed copy of it.
         masks = jnp.einsum(
-            "bmc,bdhwc->bmdhw",
-            hyper.astype(self.dtype),
+            "bdhwc,bmc->bdhwm",
             x.astype(self.dtype),
+            hyper.astype(self.dtype),
             preferred_element_type=F32,
-        ).astype(F32)
+        )
+        masks = jnp.moveaxis(masks, -1, 1).astype(F32)
         iou_pred = self.iou_prediction_head(iou_token_out).astype(F32)
         if return_intermediates:
             inter = {"transformer_queries": hs, "transformer_keys": src, "upscaled_embedding": x}

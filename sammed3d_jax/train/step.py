@@ -220,6 +220,19 @@ def make_loss_fn(
         r = jax.random.randint(r_key, (), cfg.no_point_low, cfg.no_point_high + 1)
         keys = jax.random.split(click_key, n_iter)
 
+        # Upsampling and loss rematerialised from the low-res logits in the backward pass:
+        # otherwise every pass keeps several full-resolution tensors (sigmoid, exp(-|x|),
+        # masks; 64x the low-res size) stacked for the whole loop.
+        @jax.checkpoint
+        def full_res_loss(low_logits: Array) -> Array:
+            return dice_ce_loss(
+                upsample_logits(low_logits, size),
+                gt,
+                cfg.ce_weight,
+                cfg.dice_weight,
+                sample_mask=sample_mask,
+            )
+
         def one_pass(carry, xs):
             low, full, pts, labs, slot_valid = carry
             t, key = xs
@@ -242,10 +255,9 @@ def make_loss_fn(
                 emb, image_pe, sparse, dense, multimask_output=False, sparse_mask=tok_valid
             )
             new_low = new_low[:, 0].astype(F32)
-            new_full = upsample_logits(new_low, size)
-            loss = dice_ce_loss(
-                new_full, gt, cfg.ce_weight, cfg.dice_weight, sample_mask=sample_mask
-            )
+            # The carry only feeds click sampling and the logged Dice: no gradient.
+            new_full = upsample_logits(jax.lax.stop_gradient(new_low), size)
+            loss = full_res_loss(new_low)
             n_valid = jnp.sum(valid & sample_mask).astype(F32)
             return (new_low, new_full, pts, labs, slot_valid), (loss, n_valid)
 
