@@ -30,12 +30,15 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log
 # Golden parity and the cuDNN tests of padded windows ran green on an H100 (BENCHMARKS.md);
 # the time goes to the benchmarks. Train first: the original's step needs ~63 GiB, more than is left once
 # both frameworks have cached the encoder runs' memory.
-step bench "${BENCH_LIMIT:-400}" python3 benchmarks/run.py --device gpu \
+# The step limits add up to 575 s, inside one 600 s device call.
+step bench "${BENCH_LIMIT:-330}" python3 benchmarks/run.py --device gpu \
   --batches 1,16,64 --train-batch 12 --attention cudnn,einsum \
   --train-variants cudnn,cudnn+unroll,cudnn+remat --torch-compile --torch-compile-batches 1,16 \
   --out "$OUT/bench.json"
-step profile 75 python3 benchmarks/profile_encoder.py --device gpu --batches 1,32 \
-  --attention cudnn
+step train_profile 110 python3 benchmarks/profile_train_step.py --device gpu --batch 12 \
+  --attention cudnn --top 25
 step tests 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_attention_impl.py \
   -k "cudnn and odd_tokens"
+step profile 45 python3 benchmarks/profile_encoder.py --device gpu --batches 1,32 \
+  --attention cudnn
 cat "$OUT/steps.txt"

@@ -1,0 +1,262 @@
+"""Where the training step's time goes: a per-module profile of one compiled step.
+
+Runs the original recipe's step (vit_b_ori, 128³, AdamW, 11 clicks) under the JAX profiler,
+maps every executed XLA op back to the Python source that produced it (the stack frames XLA
+keeps in the compiled module) and sums the op times by
+
+- module: image encoder, prompt encoder, mask decoder, upsampling, loss, click sampling,
+  optimizer, other;
+- direction: forward or backward (``transpose(...)`` in the op's name);
+- place: inside the click loop (the ``while`` body) or outside it.
+
+On a GPU the times are the device's kernel times; on a CPU they are the host thunks' times
+(both threads of a 2-core machine add up, so the total can exceed the wall time).
+
+    python benchmarks/profile_train_step.py --device cpu --batch 1
+    python benchmarks/profile_train_step.py --device gpu --batch 12 --attention cudnn
+
+The last line printed is a JSON object of the category totals (ms per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Source file (or function-name prefix) -> category, first match wins walking outwards.
+CATEGORIES = (
+    ("upsample", "upsampling"),
+    ("image_encoder.py", "image encoder"),
+    ("prompt_encoder.py", "prompt encoder"),
+    ("mask_decoder.py", "mask decoder"),
+    ("transformer.py", "mask decoder"),
+    ("losses.py", "loss"),
+    ("clicks.py", "click sampling"),
+    ("optim.py", "optimizer"),
+    ("/optax/", "optimizer"),
+)
+
+
+def parse_hlo(text: str) -> dict[str, tuple[str, str, int]]:
+    """Instruction name -> (computation, op_name, stack_frame_id) from compiled HLO text."""
+    out: dict[str, tuple[str, str, int]] = {}
+    comp = ""
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            comp = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
+            continue
+        m = re.match(r"^\s+(?:ROOT )?%([\w.\-]+) = ", line)
+        if not m:
+            continue
+        op = re.search(r'op_name="([^"]*)"', line)
+        frame = re.search(r"stack_frame_id=(\d+)", line)
+        out[m.group(1)] = (comp, op.group(1) if op else "", int(frame.group(1)) if frame else 0)
+    return out
+
+
+def parse_stack_frames(text: str) -> dict[int, list[tuple[str, str]]]:
+    """stack_frame_id -> [(file, function), ...] from the innermost frame outwards."""
+    sections: dict[str, dict[int, str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = line
+            sections[current] = {}
+            continue
+        if current and (m := re.match(r"^(\d+) (.*)$", line)):
+            sections[current][int(m.group(1))] = m.group(2)
+        elif current and line.strip() == "":
+            continue
+        elif current:
+            current = None
+    files = {k: v.strip('"') for k, v in sections.get("FileNames", {}).items()}
+    funcs = {k: v.strip('"') for k, v in sections.get("FunctionNames", {}).items()}
+    locs = {}
+    for k, v in sections.get("FileLocations", {}).items():
+        f = re.search(r"file_name_id=(\d+)", v)
+        fn = re.search(r"function_name_id=(\d+)", v)
+        locs[k] = (
+            files.get(int(f.group(1)), "") if f else "",
+            funcs.get(int(fn.group(1)), "") if fn else "",
+        )
+    parents = {}
+    frame_loc = {}
+    for k, v in sections.get("StackFrames", {}).items():
+        loc = re.search(r"file_location_id=(\d+)", v)
+        par = re.search(r"parent_frame_id=(\d+)", v)
+        frame_loc[k] = locs.get(int(loc.group(1)), ("", "")) if loc else ("", "")
+        parents[k] = int(par.group(1)) if par else 0
+    chains: dict[int, list[tuple[str, str]]] = {}
+    for k in frame_loc:
+        chain, seen, f = [], set(), k
+        while f in frame_loc and f not in seen:
+            seen.add(f)
+            chain.append(frame_loc[f])
+            f = parents[f] - 1 if parents[f] - 1 != f else 0  # parent ids are 1-based
+        chains[k] = chain
+    return chains
+
+
+def categorise(chain: list[tuple[str, str]], op_name: str = "") -> str:
+    if "dynamic_update_index_in_dim" in op_name and "while/body" in op_name:
+        return "loop residuals"  # a pass's activations stacked for the backward pass
+    for file, func in chain:
+        for key, name in CATEGORIES:
+            if key in file or func.startswith(key):
+                return name
+    if any(func.endswith("train_step") for _, func in chain[:1]):
+        return "optimizer"  # update, norms and metrics: train_step's own lines
+    return "other"
+
+
+def op_times(trace_dir: str) -> collections.Counter[str]:
+    """Summed durations (ns) by XLA op name: device kernels if any, else host thunks."""
+    from jax._src.lib import _profile_data
+
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    data = _profile_data.ProfileData.from_file(path)
+    device, host = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        if plane.name.startswith("/device:"):
+            lines = list(plane.lines)
+            ops = [ln for ln in lines if ln.name == "XLA Ops"] or lines
+            for line in ops:
+                for ev in line.events:
+                    stats = dict(ev.stats)
+                    device[str(stats.get("hlo_op", ev.name))] += ev.duration_ns
+        elif plane.name.startswith("/host:CPU"):
+            for line in plane.lines:
+                if line.name == "python":
+                    continue
+                for ev in line.events:
+                    name = ev.name
+                    if name.startswith("$") or "ThunkExecutor" in name or "Await" in name:
+                        continue
+                    host[name] += ev.duration_ns
+    return device or host
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--variant", default="vit_b_ori")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--clicks", type=int, default=11)
+    p.add_argument("--attention", default="auto", help="attention_impl of the model")
+    p.add_argument("--unroll", action="store_true", help="unroll the click loop")
+    p.add_argument("--remat", action="store_true", help="rematerialise the encoder blocks")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--top", type=int, default=15, help="print the N most expensive ops")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sammed3d_jax import Sam3DConfig, build_sam3d
+    from sammed3d_jax.train.optim import OptimConfig, make_optimizer
+    from sammed3d_jax.train.step import TrainConfig, init_train_state, make_train_step
+
+    cfg = Sam3DConfig.from_variant(
+        args.variant,
+        attention_impl=args.attention,
+        remat=args.remat,
+        dtype="bfloat16" if args.device == "gpu" else "float32",
+    )
+    model = build_sam3d(cfg)
+    s = cfg.img_size
+    rng = np.random.default_rng(0)
+    image = (rng.standard_normal((args.batch, s, s, s)) * 100 + 50).astype(np.float32)
+    label = np.zeros((args.batch, s, s, s), np.uint8)
+    label[:, s // 3 : 2 * s // 3, s // 4 : 3 * s // 4, s // 3 : 3 * s // 4] = 1
+    batch = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
+    tx = make_optimizer(model, OptimConfig())
+    graphdef, state = init_train_state(model, tx)
+    train_cfg = TrainConfig(num_clicks=args.clicks, unroll_clicks=args.unroll)
+    step = jax.jit(make_train_step(graphdef, tx, train_cfg), donate_argnums=0)
+    key = jax.random.key(0)
+    compiled = step.lower(state, batch, key).compile()
+    text = compiled.as_text()
+    instrs = parse_hlo(text)
+    chains = parse_stack_frames(text)
+
+    holder = {"state": state}
+
+    def run() -> Any:
+        holder["state"], metrics = compiled(holder["state"], batch, key)
+        return metrics
+
+    for _ in range(2):
+        jax.block_until_ready(run())
+    walls = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        walls.append(time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(args.repeats):
+            jax.block_until_ready(run())
+        jax.profiler.stop_trace()
+        times = op_times(trace_dir)
+
+    per_step = {k: v / args.repeats / 1e6 for k, v in times.items()}
+    table: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    top_op: dict[tuple[str, str, str], tuple[str, float]] = {}
+    unknown = 0.0
+    for name, ms in per_step.items():
+        if name not in instrs:
+            unknown += ms
+            continue
+        _, op_name, frame = instrs[name]
+        place = "loop" if "while/body" in op_name else "main"
+        direction = "bwd" if "transpose(" in op_name else "fwd"
+        row = (categorise(chains.get(frame, []), op_name), direction, place)
+        table[row] += ms
+        if ms > top_op.get(row, ("", 0.0))[1]:
+            top_op[row] = (name, ms)
+    total = sum(per_step.values())
+    print(
+        f"device: {jax.devices()[0].device_kind}; batch {args.batch}, {args.clicks} clicks, "
+        f"wall {np.median(walls) * 1e3:.1f} ms/step, summed op time {total:.1f} ms/step"
+    )
+    print(f"{'module':16s} {'dir':4s} {'place':5s} {'ms':>9s} {'share':>6s}  largest op")
+    for row, ms in table.most_common():
+        cat, direction, place = row
+        big = top_op[row][0]
+        print(f"{cat:16s} {direction:4s} {place:5s} {ms:9.2f} {ms / total:6.1%}  {big[:40]}")
+    if unknown:
+        print(f"{'(unmapped)':27s} {unknown:9.2f} {unknown / total:6.1%}")
+    print(f"\ntop {args.top} ops:")
+    for name, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]:
+        _, op_name, frame = instrs.get(name, ("?", "?", 0))
+        print(
+            f"{ms:9.2f} ms  {name[:44]:44s} {categorise(chains.get(frame, []), op_name):15s} {op_name[-70:]}"
+        )
+    result = {
+        "device": jax.devices()[0].device_kind,
+        "batch": args.batch,
+        "clicks": args.clicks,
+        "wall_ms": float(np.median(walls) * 1e3),
+        "summed_op_ms": total,
+        "unmapped_ms": unknown,
+        "by_category_ms": {"/".join(k): round(v, 3) for k, v in table.most_common()},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,20 @@
+"""The training-step profiler attributes the step's op time to the model's modules."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import profile_train_step
+
+
+def test_profile_maps_ops_to_modules(capsys):
+    args = "--device cpu --variant tiny --clicks 2 --repeats 1 --top 3".split()
+    assert profile_train_step.main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cats = result["by_category_ms"]
+    modules = {key.split("/")[0] for key in cats}
+    assert {"image encoder", "mask decoder", "loss", "upsampling", "optimizer"} <= modules
+    # Both directions and both places are seen: the click loop and the encoder's backward.
+    assert any(key.endswith("/bwd/loop") for key in cats)
+    assert "image encoder/bwd/main" in cats
+    assert result["unmapped_ms"] < 0.05 * result["summed_op_ms"]
