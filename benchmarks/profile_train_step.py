@@ -119,31 +119,33 @@ def categorise(chain: list[tuple[str, str]], op_name: str = "") -> str:
     return "other"
 
 
-def op_times(trace_dir: str) -> collections.Counter[str]:
-    """Summed durations (ns) by XLA op name: device kernels if any, else host thunks."""
+def op_times(trace_dir: str, module: str) -> collections.Counter[str]:
+    """Summed durations (ns) by XLA op of the HLO module ``module``.
+
+    Device kernels if the trace has any (GPU), else the host's thunks (CPU). Only events
+    tagged with this module count: a trace also catches whatever else the process runs.
+    """
     from jax._src.lib import _profile_data
 
     path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
     data = _profile_data.ProfileData.from_file(path)
-    device, host = collections.Counter(), collections.Counter()
+    device, derived, host = (collections.Counter() for _ in range(3))
     for plane in data.planes:
         if plane.name.startswith("/device:"):
-            lines = list(plane.lines)
-            ops = [ln for ln in lines if ln.name == "XLA Ops"] or lines
-            for line in ops:
+            for line in plane.lines:
                 for ev in line.events:
                     stats = dict(ev.stats)
-                    device[str(stats.get("hlo_op", ev.name))] += ev.duration_ns
+                    if line.name == "XLA Ops":  # derived line: one event per op
+                        derived[str(stats.get("hlo_op", ev.name))] += ev.duration_ns
+                    elif stats.get("hlo_module") == module and "hlo_op" in stats:
+                        device[str(stats["hlo_op"])] += ev.duration_ns  # kernels on streams
         elif plane.name.startswith("/host:CPU"):
             for line in plane.lines:
-                if line.name == "python":
-                    continue
                 for ev in line.events:
-                    name = ev.name
-                    if name.startswith("$") or "ThunkExecutor" in name or "Await" in name:
-                        continue
-                    host[name] += ev.duration_ns
-    return device or host
+                    stats = dict(ev.stats)
+                    if stats.get("hlo_module") == module and "hlo_op" in stats:
+                        host[str(stats["hlo_op"])] += ev.duration_ns
+    return device or derived or host
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             jax.block_until_ready(run())
         jax.profiler.stop_trace()
-        times = op_times(trace_dir)
+        times = op_times(trace_dir, text.split()[1].rstrip(","))
 
     per_step = {k: v / args.repeats / 1e6 for k, v in times.items()}
     table: collections.Counter[tuple[str, str, str]] = collections.Counter()
