@@ -89,15 +89,36 @@ class MaskDecoder3D(nnx.Module):
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
 
-        up = self.output_upscaling
-        x = src.reshape(b, *g, -1)
-        x = gelu(up["1"](up["0"](x)))
-        x = gelu(up["3"](x.astype(self.dtype)).astype(F32))
         hyper = jnp.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             axis=1,
         )  # (B, M, C/8)
-        x = shard(x, ("batch", None, None, None, "act_embed"))
+        grid = src.reshape(b, *g, -1)
+        if return_intermediates:
+            x = self._upscale(grid)
+            masks = self._mask_product(x, hyper)
+        else:
+            # Recomputed in the backward pass from the (B, g³, C) grid: the upscaled
+            # activations are 8x and 64x the grid's voxels, and the training step's click
+            # loop would otherwise keep them for every pass.
+            masks = jax.checkpoint(lambda s, h: self._mask_product(self._upscale(s), h))(
+                grid, hyper
+            )
+        iou_pred = self.iou_prediction_head(iou_token_out).astype(F32)
+        if return_intermediates:
+            inter = {"transformer_queries": hs, "transformer_keys": src, "upscaled_embedding": x}
+            return masks, iou_pred, inter
+        return masks, iou_pred
+
+    def _upscale(self, grid: Array) -> Array:
+        """(B, g, g, g, C) -> (B, 4g, 4g, 4g, C/8) float32."""
+        up = self.output_upscaling
+        x = gelu(up["1"](up["0"](grid)))
+        x = gelu(up["3"](x.astype(self.dtype)).astype(F32))
+        return shard(x, ("batch", None, None, None, "act_embed"))
+
+    def _mask_product(self, x: Array, hyper: Array) -> Array:
+        """Masks (B, M, 4g, 4g, 4g) = upscaled embedding · hypernetwork outputs (B, M, C/8)."""
         # Channels-last product, then the (small) mask axis moved to the front: contracting
         # the embedding in its own layout avoids a transposed copy of it.
         masks = jnp.einsum(
@@ -106,12 +127,7 @@ class MaskDecoder3D(nnx.Module):
             hyper.astype(self.dtype),
             preferred_element_type=F32,
         )
-        masks = jnp.moveaxis(masks, -1, 1).astype(F32)
-        iou_pred = self.iou_prediction_head(iou_token_out).astype(F32)
-        if return_intermediates:
-            inter = {"transformer_queries": hs, "transformer_keys": src, "upscaled_embedding": x}
-            return masks, iou_pred, inter
-        return masks, iou_pred
+        return jnp.moveaxis(masks, -1, 1).astype(F32)
 
     def __call__(
         self,
