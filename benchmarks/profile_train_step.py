@@ -14,6 +14,7 @@ On a GPU the times are the device's kernel times; on a CPU they are the host thu
 
     python benchmarks/profile_train_step.py --device cpu --batch 1
     python benchmarks/profile_train_step.py --device gpu --batch 12 --attention cudnn
+    python benchmarks/profile_train_step.py --device cpu --batch 12 --memory-only
 
 The last line printed is a JSON object of the category totals (ms per step).
 """
@@ -159,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remat", action="store_true", help="rematerialise the encoder blocks")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--top", type=int, default=15, help="print the N most expensive ops")
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only compile the step and print XLA's memory analysis of it",
+    )
     args = p.parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -190,6 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     step = jax.jit(make_train_step(graphdef, tx, train_cfg), donate_argnums=0)
     key = jax.random.key(0)
     compiled = step.lower(state, batch, key).compile()
+    mem = compiled.memory_analysis()
+    memory_gib = None
+    if mem is not None:  # arguments + outputs + temporaries, less the donated aliases
+        memory_gib = (
+            mem.temp_size_in_bytes
+            + mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes
+        ) / 2**30
+        print(f"compiled step: {memory_gib:.2f} GiB (XLA memory analysis)")
+    if args.memory_only:
+        print(json.dumps({"batch": args.batch, "compiled_gib": memory_gib}))
+        return 0
     text = compiled.as_text()
     instrs = parse_hlo(text)
     chains = parse_stack_frames(text)
@@ -254,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_ms": float(np.median(walls) * 1e3),
         "summed_op_ms": total,
         "unmapped_ms": unknown,
+        "compiled_gib": memory_gib,
         "by_category_ms": {"/".join(k): round(v, 3) for k, v in table.most_common()},
     }
     print(json.dumps(result))
