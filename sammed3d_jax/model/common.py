@@ -299,11 +299,12 @@ def _blend_axis(x: Array, axis: int, out_size: int) -> Array:
 def upsample_linear_axis(x: Array, axis: int, out_size: int) -> Array:
     """Linear resize of one axis like PyTorch `interpolate(..., align_corners=False)`.
 
-    The forward pass blends two gathered neighbours as ``w0 * a + w1 * b`` (no matmul, so the
-    result does not depend on the matmul precision). The backward pass is the product with the
-    transposed (out, in) interpolation matrix in full float32 precision: the automatic
-    transpose of the gathers is a scatter-add whose fusions run ~10x slower than the whole
-    forward pass on XLA:CPU.
+    The forward pass blends the two neighbours as ``w0 * a + w1 * b`` (no matmul, so the
+    result does not depend on the matmul precision), reading them with slices for integer
+    factors and with gathers otherwise. The backward pass is the product with the transposed
+    (out, in) interpolation matrix in full float32 precision: the automatic transpose of the
+    gathers is a scatter-add with transposed copies, several times slower than the forward
+    pass on XLA:CPU.
     """
     axis = axis % x.ndim
     return _resize_axis(x, axis, x.shape[axis], out_size)
