@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# One session on a lent GPU: correctness checks, then every benchmark, results under $OUT.
+# One session on a lent GPU: every benchmark, results under $OUT.
 #
-#   bash benchmarks/gpu_session.sh            # OUT defaults to ./gpu_out
+#   bash benchmarks/gpu_session.sh                         # all steps; OUT defaults to ./gpu_out
+#   STEPS="train encoder" bash benchmarks/gpu_session.sh   # a subset, in the order given
 #
 # Python packages the GPU image lacks travel as wheels in .whl/ (see BENCHMARKS.md).
 # Each step has its own time limit and writes its output as it goes, so a step cut short
-# still leaves the others' results.
+# still leaves the others' results. A fresh machine's first CUDA start-up and compilations
+# are slow: the default steps' limits add up to ~600 s, more than fits one call, so a call
+# names the steps it can afford (STEPS="quick encoder_profile" fits in ~300 s).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
+STEPS=${STEPS:-train click train_profile encoder_profile encoder tests}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 if [ -d .whl ]; then
@@ -24,21 +28,38 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log
   local t0=$SECONDS
   timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
-  tail -n 3 "$OUT/$name.log"
+  tail -n 2 "$OUT/$name.log"
 }
 
-# Golden parity and the cuDNN tests of padded windows ran green on an H100 (BENCHMARKS.md);
-# the time goes to the benchmarks. Train first: the original's step needs ~63 GiB, more than is left once
-# both frameworks have cached the encoder runs' memory.
-# The step limits add up to 575 s, inside one 600 s device call.
-step bench "${BENCH_LIMIT:-330}" python3 benchmarks/run.py --device gpu \
-  --batches 1,16,64 --train-batch 12 --attention cudnn,einsum \
-  --train-variants cudnn,cudnn+unroll,cudnn+remat --torch-compile --torch-compile-batches 1,16 \
-  --out "$OUT/bench.json"
-step train_profile 110 python3 benchmarks/profile_train_step.py --device gpu --batch 12 \
-  --attention cudnn --top 25
-step tests 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_attention_impl.py \
-  -k "cudnn and odd_tokens"
-step profile 45 python3 benchmarks/profile_encoder.py --device gpu --batches 1,32 \
-  --attention cudnn
+bench() {  # bench NAME SECONDS ARGS...: one section of run.py, its JSON in $OUT/NAME.json
+  local name=$1 limit=$2
+  shift 2
+  step "$name" "$limit" python3 benchmarks/run.py --device gpu --out "$OUT/$name.json" "$@"
+}
+
+for s in $STEPS; do
+  case $s in
+    # The original's training step needs ~63 GiB: it runs before anything else holds memory.
+    train) bench train "${TRAIN_LIMIT:-190}" --skip encoder,accuracy,click,pipeline \
+      --train-batch 12 --train-variants "${TRAIN_VARIANTS:-cudnn,cudnn+unroll}" ;;
+    click) bench click 70 --skip encoder,accuracy,train,pipeline ;;
+    train_profile) step train_profile 120 python3 benchmarks/profile_train_step.py \
+      --device gpu --batch 12 --attention cudnn --top 25 ;;
+    # Command buffers (CUDA graphs) off: inside one, kernels cannot be told apart.
+    encoder_profile) for b in ${PROFILE_BATCHES:-1 32}; do
+        XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" step "encoder_profile_b$b" 40 \
+          python3 benchmarks/profile_train_step.py --device gpu --target encoder --by source \
+          --batch "$b" --attention cudnn --repeats 5 --top 20
+      done ;;
+    encoder) bench encoder "${ENCODER_LIMIT:-130}" --skip train,click,pipeline \
+      --batches 1,16,64 --attention cudnn --torch-compile --torch-compile-batches 1,16 ;;
+    # Training, click and encoder in one process (one start-up): the short session.
+    quick) bench quick "${QUICK_LIMIT:-260}" --skip accuracy,pipeline --train-batch 12 \
+      --train-variants "${TRAIN_VARIANTS:-cudnn}" --batches "${BATCHES:-1,32}" \
+      --attention cudnn --torch-compile --torch-compile-batches "${COMPILE_BATCHES:-1}" ;;
+    tests) step tests 60 python3 -m pytest -q -p no:cacheprovider \
+      tests/model/test_attention_impl.py -k "cudnn and odd_tokens" ;;
+    *) echo "unknown step $s" >&2 ;;
+  esac
+done
 cat "$OUT/steps.txt"

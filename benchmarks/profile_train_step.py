@@ -15,7 +15,11 @@ On a GPU the times are the device's kernel times; on a CPU they are the host thu
     python benchmarks/profile_train_step.py --device cpu --batch 1
     python benchmarks/profile_train_step.py --device gpu --batch 12 --attention cudnn
     python benchmarks/profile_train_step.py --device cpu --batch 12 --memory-only
+    python benchmarks/profile_train_step.py --device gpu --target encoder --batch 1 --by source
 
+``--target encoder`` profiles the image encoder's forward pass alone; ``--by source`` groups
+the op time by the innermost function of this project that produced each op (file:function)
+instead of by module, which splits the encoder into its attention, MLP, norms, ...
 The last line printed is a JSON object of the category totals (ms per step).
 """
 
@@ -120,17 +124,27 @@ def categorise(chain: list[tuple[str, str]], op_name: str = "") -> str:
     return "other"
 
 
-def op_times(trace_dir: str, module: str) -> collections.Counter[str]:
+def source_of(chain: list[tuple[str, str]]) -> str:
+    """The innermost frame of this project's package as ``file:function``."""
+    for file, func in chain:
+        if "/sammed3d_jax/" in file:
+            return f"{file.rsplit('/', 1)[-1]}:{func}"
+    return f"{chain[0][0].rsplit('/', 1)[-1]}:{chain[0][1]}" if chain else "?"
+
+
+def op_times(trace_dir: str, module: str) -> tuple[collections.Counter[str], int]:
     """Summed durations (ns) by XLA op of the HLO module ``module``.
 
     Device kernels if the trace has any (GPU), else the host's thunks (CPU). Only events
     tagged with this module count: a trace also catches whatever else the process runs.
+    Also returns the number of those events (kernels launched, or thunks run).
     """
     from jax._src.lib import _profile_data
 
     path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
     data = _profile_data.ProfileData.from_file(path)
     device, derived, host = (collections.Counter() for _ in range(3))
+    counts = collections.Counter()
     for plane in data.planes:
         if plane.name.startswith("/device:"):
             for line in plane.lines:
@@ -138,21 +152,28 @@ def op_times(trace_dir: str, module: str) -> collections.Counter[str]:
                     stats = dict(ev.stats)
                     if line.name == "XLA Ops":  # derived line: one event per op
                         derived[str(stats.get("hlo_op", ev.name))] += ev.duration_ns
+                        counts["derived"] += 1
                     elif stats.get("hlo_module") == module and "hlo_op" in stats:
                         device[str(stats["hlo_op"])] += ev.duration_ns  # kernels on streams
+                        counts["device"] += 1
         elif plane.name.startswith("/host:CPU"):
             for line in plane.lines:
                 for ev in line.events:
                     stats = dict(ev.stats)
                     if stats.get("hlo_module") == module and "hlo_op" in stats:
                         host[str(stats["hlo_op"])] += ev.duration_ns
-    return device or derived or host
+                        counts["host"] += 1
+    if device:
+        return device, counts["device"]
+    return (derived, counts["derived"]) if derived else (host, counts["host"])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--variant", default="vit_b_ori")
+    p.add_argument("--target", choices=["step", "encoder"], default="step")
+    p.add_argument("--by", choices=["module", "source"], default="module")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--clicks", type=int, default=11)
     p.add_argument("--attention", default="auto", help="attention_impl of the model")
@@ -190,12 +211,20 @@ def main(argv: list[str] | None = None) -> int:
     label = np.zeros((args.batch, s, s, s), np.uint8)
     label[:, s // 3 : 2 * s // 3, s // 4 : 3 * s // 4, s // 3 : 3 * s // 4] = 1
     batch = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
-    tx = make_optimizer(model, OptimConfig())
-    graphdef, state = init_train_state(model, tx)
-    train_cfg = TrainConfig(num_clicks=args.clicks, unroll_clicks=args.unroll)
-    step = jax.jit(make_train_step(graphdef, tx, train_cfg), donate_argnums=0)
     key = jax.random.key(0)
-    compiled = step.lower(state, batch, key).compile()
+    if args.target == "encoder":
+        from sammed3d_jax.model.sam import merge_flat, split_flat
+
+        flatdef, state = split_flat(model)
+        fn = jax.jit(lambda st, x: merge_flat(flatdef, st).encode(x))
+        inputs: tuple = (batch["image"],)
+    else:
+        tx = make_optimizer(model, OptimConfig())
+        graphdef, state = init_train_state(model, tx)
+        train_cfg = TrainConfig(num_clicks=args.clicks, unroll_clicks=args.unroll)
+        fn = jax.jit(make_train_step(graphdef, tx, train_cfg), donate_argnums=0)
+        inputs = (batch, key)
+    compiled = fn.lower(state, *inputs).compile()
     mem = compiled.memory_analysis()
     memory_gib = None
     if mem is not None:  # arguments + outputs + temporaries, less the donated aliases
@@ -205,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             + mem.output_size_in_bytes
             - mem.alias_size_in_bytes
         ) / 2**30
-        print(f"compiled step: {memory_gib:.2f} GiB (XLA memory analysis)")
+        print(f"compiled {args.target}: {memory_gib:.2f} GiB (XLA memory analysis)")
     if args.memory_only:
         print(json.dumps({"batch": args.batch, "compiled_gib": memory_gib}))
         return 0
@@ -216,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     holder = {"state": state}
 
     def run() -> Any:
-        holder["state"], metrics = compiled(holder["state"], batch, key)
+        if args.target == "encoder":
+            return compiled(holder["state"], *inputs)
+        holder["state"], metrics = compiled(holder["state"], *inputs)
         return metrics
 
     for _ in range(2):
@@ -231,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             jax.block_until_ready(run())
         jax.profiler.stop_trace()
-        times = op_times(trace_dir, text.split()[1].rstrip(","))
+        times, n_events = op_times(trace_dir, text.split()[1].rstrip(","))
 
     per_step = {k: v / args.repeats / 1e6 for k, v in times.items()}
     table: collections.Counter[tuple[str, str, str]] = collections.Counter()
@@ -244,32 +275,39 @@ def main(argv: list[str] | None = None) -> int:
         _, op_name, frame = instrs[name]
         place = "loop" if "while/body" in op_name else "main"
         direction = "bwd" if "transpose(" in op_name else "fwd"
-        row = (categorise(chains.get(frame, []), op_name), direction, place)
+        chain = chains.get(frame, [])
+        what = source_of(chain) if args.by == "source" else categorise(chain, op_name)
+        row = (what, direction, place)
         table[row] += ms
         if ms > top_op.get(row, ("", 0.0))[1]:
             top_op[row] = (name, ms)
     total = sum(per_step.values())
+    what = f"{args.clicks} clicks" if args.target == "step" else "encoder forward"
     print(
-        f"device: {jax.devices()[0].device_kind}; batch {args.batch}, {args.clicks} clicks, "
-        f"wall {np.median(walls) * 1e3:.1f} ms/step, summed op time {total:.1f} ms/step"
+        f"device: {jax.devices()[0].device_kind}; batch {args.batch}, {what}, "
+        f"wall {np.median(walls) * 1e3:.2f} ms, summed op time {total:.2f} ms, "
+        f"{n_events / args.repeats:.0f} ops/kernels per call"
     )
-    print(f"{'module':16s} {'dir':4s} {'place':5s} {'ms':>9s} {'share':>6s}  largest op")
+    width = max([16] + [len(r[0]) for r in table])
+    print(f"{args.by:{width}s} {'dir':4s} {'place':5s} {'ms':>9s} {'share':>6s}  largest op")
     for row, ms in table.most_common():
         cat, direction, place = row
         big = top_op[row][0]
-        print(f"{cat:16s} {direction:4s} {place:5s} {ms:9.2f} {ms / total:6.1%}  {big[:40]}")
+        print(f"{cat:{width}s} {direction:4s} {place:5s} {ms:9.2f} {ms / total:6.1%}  {big[:40]}")
     if unknown:
         print(f"{'(unmapped)':27s} {unknown:9.2f} {unknown / total:6.1%}")
     print(f"\ntop {args.top} ops:")
     for name, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]:
         _, op_name, frame = instrs.get(name, ("?", "?", 0))
-        print(
-            f"{ms:9.2f} ms  {name[:44]:44s} {categorise(chains.get(frame, []), op_name):15s} {op_name[-70:]}"
-        )
+        chain = chains.get(frame, [])
+        what = source_of(chain) if args.by == "source" else categorise(chain, op_name)
+        print(f"{ms:9.3f} ms  {name[:44]:44s} {what[:30]:30s} {op_name[-60:]}")
     result = {
         "device": jax.devices()[0].device_kind,
+        "target": args.target,
         "batch": args.batch,
-        "clicks": args.clicks,
+        "ops_per_call": n_events / args.repeats,
+        "clicks": args.clicks if args.target == "step" else None,
         "wall_ms": float(np.median(walls) * 1e3),
         "summed_op_ms": total,
         "unmapped_ms": unknown,

@@ -57,36 +57,48 @@ def device_info(jax_mod, torch_mod) -> dict[str, Any]:
     return info
 
 
-def encoder_variants(ours, impls: list[str]) -> dict[str, Any]:
-    """The same weights under each attention implementation, as (graphdef, state) pairs."""
+def with_config(ours, **changes):
+    """A model of ``ours.config.replace(**changes)`` sharing ours' weights (no random init:
+    eager initialisation compiles one kernel per parameter, tens of seconds on a GPU)."""
     from flax import nnx
+
+    from sammed3d_jax.model.sam import abstract_sam3d
+
+    model = abstract_sam3d(ours.config.replace(**changes))
+    nnx.update(model, nnx.state(ours))
+    return model
+
+
+def encoder_variants(ours, impls: list[str]) -> dict[str, Any]:
+    """The same weights under each attention implementation, as `split_flat` pairs."""
+    from sammed3d_jax.model.sam import split_flat
 
     out = {}
     for impl in impls:
-        model = ours
-        if impl != ours.config.attention_impl:
-            model = type(ours)(ours.config.replace(attention_impl=impl), rngs=nnx.Rngs(0))
-            nnx.update(model, nnx.state(ours))
-        out[impl] = nnx.split(model)
+        model = (
+            ours if impl == ours.config.attention_impl else with_config(ours, attention_impl=impl)
+        )
+        out[impl] = split_flat(model)
     return out
 
 
 def bench_encoder(variants, ref, batches, repeats, gpu, compile_batches) -> dict[str, float]:
     import jax
     import torch
-    from flax import nnx
+
+    from sammed3d_jax.model.sam import merge_flat
 
     out: dict[str, float] = {}
     compiled = torch.compile(ref.image_encoder, dynamic=False) if compile_batches else None
     impls = list(variants)
     fns = {}
-    for impl, (graphdef, state) in variants.items():
+    for impl, (flatdef, leaves) in variants.items():
 
         @jax.jit
-        def encode(state, x, graphdef=graphdef):
-            return nnx.merge(graphdef, state).encode(x)
+        def encode(leaves, x, flatdef=flatdef):
+            return merge_flat(flatdef, leaves).encode(x)
 
-        fns[impl] = (encode, state)
+        fns[impl] = (encode, leaves)
     for b in batches:
         try:
             _encoder_batch(out, fns, impls, b, ref, repeats, gpu, compiled, compile_batches)
@@ -142,16 +154,17 @@ def encoder_accuracy(variants, ours_fp32_state, batch: int = 1) -> dict[str, flo
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    graphdef32, state32 = ours_fp32_state
+    from sammed3d_jax.model.sam import merge_flat
+
+    flatdef32, leaves32 = ours_fp32_state
     x = jnp.asarray(np.random.default_rng(99).standard_normal((batch, 128, 128, 128), np.float32))
     with jax.default_matmul_precision("highest"):
-        ref = jax.jit(lambda s, x: nnx.merge(graphdef32, s).encode(x))(state32, x)
+        ref = jax.jit(lambda s, x: merge_flat(flatdef32, s).encode(x))(leaves32, x)
     scale = float(jnp.max(jnp.abs(ref)))
     out = {}
-    for impl, (graphdef, state) in variants.items():
-        emb = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s).encode(x))(state, x)
+    for impl, (flatdef, leaves) in variants.items():
+        emb = jax.jit(lambda s, x, g=flatdef: merge_flat(g, s).encode(x))(leaves, x)
         err = float(jnp.max(jnp.abs(emb.astype(jnp.float32) - ref))) / scale
         out[f"accuracy_encoder_{impl}_max_rel_vs_fp32"] = err
     return out
@@ -164,15 +177,15 @@ def bench_click(ours, ref, repeats, gpu) -> dict[str, float]:
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from flax import nnx
 
     from sammed3d_jax.model.common import upsample_logits
+    from sammed3d_jax.model.sam import merge_flat, split_flat
 
-    graphdef, state = nnx.split(ours)
+    flatdef, state = split_flat(ours)
 
     @jax.jit
     def click(state, emb, pts, lab, mask):
-        m = nnx.merge(graphdef, state)
+        m = merge_flat(flatdef, state)
         out = m.decode(emb, pts, lab, mask)
         return upsample_logits(out.low_res_logits, 128)
 
@@ -203,10 +216,13 @@ def bench_click(ours, ref, repeats, gpu) -> dict[str, float]:
     return {"click_b1_ms": 1e3 * t, "torch_click_b1_ms": 1e3 * tt, "ratio_click_b1": t / tt}
 
 
-def bench_train(ours, ref, batch, clicks, repeats, gpu, peak_flops, variants) -> dict[str, float]:
+def bench_train(
+    ours, ref, batch, clicks, repeats, gpu, peak_flops, variants, report=lambda d: None
+) -> dict[str, float]:
     """The original recipe's step (batch, 11 clicks, AdamW), PyTorch first so that its
     memory is returned before ours is measured; each of our variants is a config change
-    ("cudnn", "einsum+remat", "cudnn+unroll", ...) timed on the same batch."""
+    ("cudnn", "einsum+remat", "cudnn+unroll", ...) timed on the same batch. `report` gets
+    the figures so far after each side, so a run cut short keeps them."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -241,6 +257,8 @@ def bench_train(ours, ref, batch, clicks, repeats, gpu, peak_flops, variants) ->
         out["torch_train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         del trainer, it, lt
         torch.cuda.empty_cache()
+    print(f"[train] original: {tt * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+    report(out)
 
     data = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
     key = jax.random.key(0)
@@ -249,9 +267,8 @@ def bench_train(ours, ref, batch, clicks, repeats, gpu, peak_flops, variants) ->
         unknown = set(flags) - {"remat", "unroll"}
         if unknown:
             raise ValueError(f"train variant {variant!r}: unknown flags {sorted(unknown)}")
-        cfg = ours.config.replace(attention_impl=impl, remat="remat" in flags)
         train_cfg = TrainConfig(num_clicks=clicks, unroll_clicks="unroll" in flags)
-        model = type(ours)(cfg, rngs=nnx.Rngs(0))
+        model = with_config(ours, attention_impl=impl, remat="remat" in flags)
         # A copy: the step donates its state, which must not delete `ours`' arrays.
         nnx.update(model, jax.tree.map(jnp.copy, nnx.state(ours)))
         tx = make_optimizer(model, OptimConfig())
@@ -279,6 +296,8 @@ def bench_train(ours, ref, batch, clicks, repeats, gpu, peak_flops, variants) ->
             )
             out[f"{name}_compiled_gib"] = total / 2**30
         del holder, compiled, state
+        print(f"[train] {variant}: {t * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+        report(out)
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["train_process_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
@@ -392,6 +411,12 @@ def main(argv=None) -> int:
     peak = measure_matmul_peak(dtype)
     result["matmul_peak_tflops_measured"] = peak / 1e12
 
+    def save(partial=None):
+        """Merge `partial` into the result and rewrite --out: a run cut short keeps it."""
+        result.update(partial or {})
+        if args.out:
+            args.out.write_text(json.dumps(result, sort_keys=True) + "\n")
+
     def section(name, fn):
         """Run one section; a failure is recorded, not fatal, so the others still report."""
         t0 = time.perf_counter()
@@ -401,8 +426,7 @@ def main(argv=None) -> int:
             result[f"{name}_error"] = f"{type(e).__name__}: {e}"[:2000]
         result[f"{name}_wall_s"] = time.perf_counter() - t0
         print(f"[{name}] done in {result[f'{name}_wall_s']:.0f} s", file=sys.stderr, flush=True)
-        if args.out:  # partial results survive a run cut short
-            args.out.write_text(json.dumps(result, sort_keys=True) + "\n")
+        save()
 
     if "train" not in skip:
         train_batch = args.train_batch or (12 if gpu else 1)
@@ -418,12 +442,15 @@ def main(argv=None) -> int:
                 gpu,
                 peak,
                 train_variants,
+                report=save,
             ),
         )
         ref.eval()
         result["train_batch"] = train_batch
         result["train_clicks"] = args.clicks
         result["train_variants"] = train_variants
+    if "click" not in skip:
+        section("click", lambda: bench_click(ours, ref, max(repeats, 5), gpu))
     variants = encoder_variants(ours, impls)
     if "encoder" not in skip:
         section(
@@ -450,11 +477,9 @@ def main(argv=None) -> int:
                 ] / max(tc)
     if gpu and "accuracy" not in skip:
         fp32, _ = model_from_state_dict(sd, dtype="float32")
-        from flax import nnx
+        from sammed3d_jax.model.sam import split_flat
 
-        section("accuracy", lambda: encoder_accuracy(variants, nnx.split(fp32)))
-    if "click" not in skip:
-        section("click", lambda: bench_click(ours, ref, max(repeats, 5), gpu))
+        section("accuracy", lambda: encoder_accuracy(variants, split_flat(fp32)))
     if "pipeline" not in skip and (REPO.parent / "shared" / "data").is_dir():
         result.update(bench_pipeline())
     line = json.dumps(result, sort_keys=True)

@@ -50,7 +50,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sammed3d_jax.data.geometry import (
     crop_or_pad,
@@ -65,7 +64,7 @@ from sammed3d_jax.data.geometry import (
 from sammed3d_jax.data.nifti import Volume, VolumeError, load_volume
 from sammed3d_jax.inference.tiling import TilingResult, crop_start_for_points, tiled_segmentation
 from sammed3d_jax.model.common import upsample_logits
-from sammed3d_jax.model.sam import Sam3D
+from sammed3d_jax.model.sam import FlatDef, Sam3D, merge_flat, split_flat
 
 __all__ = [
     "MIN_POINT_BUCKET",
@@ -114,14 +113,14 @@ def point_bucket(n: int, minimum: int = MIN_POINT_BUCKET) -> int:
     return size
 
 
-def _encode_impl(graphdef: Any, state: Any, volumes: jax.Array) -> jax.Array:
+def _encode_impl(flatdef: FlatDef, leaves: list, volumes: jax.Array) -> jax.Array:
     _TRACES["encode"] += 1
-    return nnx.merge(graphdef, state).encode(volumes)
+    return merge_flat(flatdef, leaves).encode(volumes)
 
 
 def _decode_impl(
-    graphdef: Any,
-    state: Any,
+    flatdef: FlatDef,
+    leaves: list,
     embedding: jax.Array,
     points: jax.Array,
     labels: jax.Array,
@@ -129,7 +128,7 @@ def _decode_impl(
     point_mask: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     _TRACES["decode"] += 1
-    model = nnx.merge(graphdef, state)
+    model = merge_flat(flatdef, leaves)
     out = model.decode(embedding, points, labels, mask_input, point_mask=point_mask)
     low = out.low_res_logits[:, 0]  # (1, L, L, L)
     logits = upsample_logits(low, model.config.img_size)[0]  # (S, S, S)
@@ -173,7 +172,8 @@ class SamEngine:
             raise TypeError(f"expected a Sam3D model, got {type(model).__name__}")
         self.model = model
         self.config = model.config
-        self._graphdef, self._state = nnx.split(model)
+        # Weights as a flat list: the cheapest argument for a jitted call (see split_flat).
+        self._flatdef, self._leaves = split_flat(model)
         self.crop_size = int(self.config.img_size)
         self.low_res_size = int(self.config.low_res_size)
         self.encode_calls = 0
@@ -188,7 +188,7 @@ class SamEngine:
         if x.shape != (s, s, s):
             raise ValueError(f"roi_image must have shape {(s, s, s)}, got {x.shape}")
         t0 = time.perf_counter()
-        emb = _encode_jit(self._graphdef, self._state, jnp.asarray(x)[None])
+        emb = _encode_jit(self._flatdef, self._leaves, jnp.asarray(x)[None])
         emb.block_until_ready()
         self.encode_seconds += time.perf_counter() - t0
         self.encode_calls += 1
@@ -232,8 +232,8 @@ class SamEngine:
             m = np.asarray(mask_input, dtype=np.float32).reshape(1, size, size, size)
         t0 = time.perf_counter()
         low, logits, prob = _decode_jit(
-            self._graphdef,
-            self._state,
+            self._flatdef,
+            self._leaves,
             embedding,
             jnp.asarray(p),
             jnp.asarray(lab),

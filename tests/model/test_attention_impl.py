@@ -4,7 +4,7 @@ computes the same encoder as the explicit einsum path.
 In float32 the two agree to rounding, forward and backward, on grids with one padded window,
 several partial windows, no padding, and without relative positions or qkv bias. In bfloat16
 the fused path is as close to the float32 reference as the einsum path is. The padded keys'
-summed weight travels as two bias logits (`_split_logit`); its accuracy is checked directly.
+summed weight travels as three or four bias logits (`_split_logit`); its accuracy is checked directly.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sammed3d_jax.model.image_encoder import (
     ImageEncoderViT3D,
     _split_logit,
     cudnn_attention_available,
+    padding_key_count,
     resolve_attention_impl,
 )
 from tests.conftest import randomize_params
@@ -131,11 +132,21 @@ def test_fused_bfloat16_as_accurate_as_einsum(case):
     assert err_fused < 1.5 * err_einsum + 1e-3
 
 
+def test_padding_keys_make_even_key_counts():
+    # vit_b_ori: 512 real keys + 4 -> 516, so cuDNN needs no padded copy of the bias.
+    assert padding_key_count(512) == 4
+    for n in range(1, 100):
+        assert padding_key_count(n) in (3, 4)
+        assert (n + padding_key_count(n)) % 2 == 0
+
+
+@pytest.mark.parametrize("n_parts", [3, 4])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_split_logit_keeps_the_padding_weight(dtype):
+def test_split_logit_keeps_the_padding_weight(dtype, n_parts):
     # Logits of the size the padded keys reach (log of ~2,000 keys plus bias terms).
     p = jnp.asarray(np.random.default_rng(0).uniform(-12.0, 12.0, 10_000), jnp.float32)
-    parts = _split_logit(p, jnp.dtype(dtype))
+    parts = _split_logit(p, jnp.dtype(dtype), parts=n_parts)
+    assert len(parts) == n_parts
     weight = jnp.zeros_like(p)  # summed weight of the parts, relative to e^p
     for part in parts:
         rounded = part.astype(dtype).astype(jnp.float32)
@@ -146,7 +157,9 @@ def test_split_logit_keeps_the_padding_weight(dtype):
     one = jnp.exp(p.astype(dtype).astype(jnp.float32) - p)  # a single rounded logit
     assert float(jnp.max(jnp.abs(one - 1.0))) > 50 * err
     # The parts move with p: d(sum of weights)/dp = e^p.
-    grad = jax.grad(lambda x: sum(jnp.exp(t) for t in _split_logit(x, jnp.dtype(dtype))))
+    grad = jax.grad(
+        lambda x: sum(jnp.exp(t) for t in _split_logit(x, jnp.dtype(dtype), parts=n_parts))
+    )
     x = jnp.float32(3.3)
     assert abs(float(grad(x)) / float(jnp.exp(x)) - 1.0) < 1e-3
 
