@@ -84,10 +84,42 @@ class PatchEmbed3D(nnx.Module):
         return y + self.proj.bias[...].astype(dtype)
 
 
-def _gather_table(table: Array, rows: int, cols: int, size: int) -> Array:
-    """(rows, cols, E) with entry [r, c] = table[r - c + size - 1]."""
-    idx = np.arange(rows)[:, None] - np.arange(cols)[None, :] + (size - 1)
-    return table[jnp.asarray(idx)].astype(F32)
+def take_rows(values: Array, idx: np.ndarray) -> Array:
+    """``take_along_axis(values, idx, -1)`` for a static index whose rows never repeat an
+    entry, with a gather as its backward pass.
+
+    idx: (..., X), broadcast against values' leading axes from the right. Since no index
+    repeats within a row, the gradient of values is the output gradient gathered back (zero
+    where no output took the entry) rather than a scatter-add.
+    """
+    idx = np.asarray(idx)
+    ordered = np.sort(idx, axis=-1)
+    if (ordered[..., 1:] == ordered[..., :-1]).any():
+        raise ValueError("take_rows: an index row repeats an entry")
+    size = values.shape[-1]
+    inverse = np.full((*idx.shape[:-1], size), -1)
+    rows = np.indices(idx.shape[:-1])
+    for x in range(idx.shape[-1]):
+        inverse[(*rows, idx[..., x])] = x
+    lead = values.ndim - idx.ndim
+    idx_j = jnp.asarray(idx).reshape((1,) * lead + idx.shape)
+    taken = inverse >= 0
+    inverse_j = jnp.asarray(np.where(taken, inverse, 0)).reshape((1,) * lead + inverse.shape)
+    taken_j = jnp.asarray(taken).reshape(inverse_j.shape)
+
+    @jax.custom_vjp
+    def gather(v: Array) -> Array:
+        return jnp.take_along_axis(v, idx_j, axis=-1)
+
+    def fwd(v: Array) -> tuple[Array, None]:
+        return gather(v), None
+
+    def bwd(_, g: Array) -> tuple[Array]:
+        back = jnp.take_along_axis(g, inverse_j, axis=-1)
+        return (jnp.where(taken_j, back, jnp.zeros((), g.dtype)),)
+
+    gather.defvjp(fwd, bwd)
+    return gather(values)
 
 
 class RelPosTerms(nnx.Pytree):
@@ -153,24 +185,37 @@ class Attention(nnx.Module):
 
         `extent` is the key side X (window side, or the grid side for global attention).
         Query vectors at w-positions >= nw (padding) are the q bias.
+
+        Every term is a query's dot product with one row of a table, so all of them come
+        from one matmul of the queries with the three tables' 3(2s - 1) rows, followed by
+        gathers of the rows each (query, key) pair needs: one small GEMM instead of three
+        batched ones over transposed copies of q.
         """
-        b, k, nd, nh, nw, e = q.shape
-        q = q.astype(F32)
-        if extent > nw:
-            b_q = self._bias_parts()[0]
-            pad = jnp.broadcast_to(
-                b_q[None, :, None, None, None, :], (b, k, nd, nh, extent - nw, e)
-            )
-            q_ext = jnp.concatenate([q, pad], axis=4)
-        else:
-            q_ext = q
+        b, k, nd, nh, nw, _ = q.shape
         s = self.input_size
-        t_d = _gather_table(self.rel_pos_d[...], nd, extent, s)
-        t_h = _gather_table(self.rel_pos_h[...], nh, extent, s)
-        t_w = _gather_table(self.rel_pos_w[...], extent, extent, s)
-        a = jnp.einsum("bkijle,ixe->bkijlx", q, t_d)
-        bt = jnp.einsum("bkijye,jxe->bkijyx", q_ext, t_h)
-        ct = jnp.einsum("bkijye,yxe->bkijyx", q_ext, t_w)
+        r = 2 * s - 1
+        tables = jnp.concatenate(
+            [self.rel_pos_d[...], self.rel_pos_h[...], self.rel_pos_w[...]], axis=0
+        ).astype(F32)
+        qt = jnp.einsum("bkijle,re->bkijlr", q.astype(F32), tables)  # (B, K, nd, nh, nw, 3r)
+        qt_d, qt_h, qt_w = qt[..., :r], qt[..., r : 2 * r], qt[..., 2 * r :]
+        if extent > nw:  # padded query positions along w project the q bias
+            bias_t = jnp.einsum("ke,re->kr", self._bias_parts()[0], tables[r:])
+            pad = jnp.broadcast_to(
+                bias_t[None, :, None, None, None, :], (b, k, nd, nh, extent - nw, 2 * r)
+            )
+            qt_hw = jnp.concatenate([jnp.concatenate([qt_h, qt_w], axis=-1), pad], axis=4)
+            qt_h, qt_w = qt_hw[..., :r], qt_hw[..., r:]
+        x = np.arange(extent)
+        # a[.., i, j, l, x] = q(i,j,l).T_d[i - x + s - 1]
+        idx_d = (np.arange(nd)[:, None] - x[None, :] + s - 1)[:, None, None, :]
+        # b[.., i, j, y, x] = q(i,j,y).T_h[j - x + s - 1]
+        idx_h = (np.arange(nh)[:, None] - x[None, :] + s - 1)[:, None, :]
+        # c[.., i, j, y, x] = q(i,j,y).T_w[y - x + s - 1]
+        idx_w = x[:, None] - x[None, :] + s - 1
+        a = take_rows(qt_d, idx_d)
+        bt = take_rows(qt_h, idx_h[None])
+        ct = take_rows(qt_w, idx_w[None, None])
         return RelPosTerms(a, bt, ct)
 
     def _logits(self, q: Array, k: Array, extent: int) -> tuple[Array, RelPosTerms | None]:

@@ -17,6 +17,7 @@ from flax import nnx
 from sammed3d_jax import Sam3DConfig
 from sammed3d_jax.model.image_encoder import (
     Attention,
+    take_rows,
     window_partition,
     window_unpartition,
     windowed_attention_exact,
@@ -91,3 +92,41 @@ def test_exact_attends_to_far_fewer_keys():
     exact = exact[0] if isinstance(exact, list) else exact
     padded = padded[0] if isinstance(padded, list) else padded
     assert exact["flops"] < padded["flops"] / 3
+
+
+def _rel_pos_indices(n: int, extent: int, s: int) -> list[np.ndarray]:
+    """The three index patterns of the relative-position terms (see Attention._rel_terms)."""
+    x = np.arange(extent)
+    return [
+        (np.arange(n)[:, None] - x[None, :] + s - 1)[:, None, None, :],
+        (np.arange(n)[:, None] - x[None, :] + s - 1)[None, :, None, :],
+        (x[:, None] - x[None, :] + s - 1)[None, None],
+    ]
+
+
+@pytest.mark.parametrize("n, extent, s", [(8, 14, 14), (4, 6, 6), (8, 8, 8), (3, 4, 4)])
+def test_take_rows_and_its_gather_backward_equal_take_along_axis(n, extent, s):
+    rng = np.random.default_rng(n + extent)
+    for idx in _rel_pos_indices(n, extent, s):
+        values = jnp.asarray(rng.standard_normal((2, 3, n, n, extent, 2 * s - 1)), jnp.float32)
+        weights = jnp.asarray(rng.standard_normal((2, 3, n, n, extent, extent)), jnp.float32)
+        idx_full = jnp.asarray(idx)[None, None]
+
+        def plain(v, idx_full=idx_full, weights=weights):
+            return jnp.sum(jnp.take_along_axis(v, idx_full, axis=-1) * weights)
+
+        def ours(v, idx=idx, weights=weights):
+            return jnp.sum(take_rows(v, idx) * weights)
+
+        np.testing.assert_array_equal(
+            np.asarray(take_rows(values, idx)),
+            np.asarray(jnp.take_along_axis(values, idx_full, axis=-1)),
+        )
+        np.testing.assert_array_equal(
+            np.asarray(jax.grad(ours)(values)), np.asarray(jax.grad(plain)(values))
+        )
+
+
+def test_take_rows_rejects_repeated_indices():
+    with pytest.raises(ValueError, match="repeats"):
+        take_rows(jnp.zeros((2, 5)), np.array([[0, 1, 1]]))

@@ -236,9 +236,10 @@ def test_unrolled_click_loop_matches_scan(model):
 
 
 def test_gradients_equal_plain_autodiff(model, monkeypatch):
-    """The hand-written backward passes (GELU, upsampling) and the rematerialised loss and
-    upscaling give the gradients of plain automatic differentiation."""
+    """The hand-written backward passes (GELU, upsampling, relative-position gathers) and the
+    rematerialised loss and upscaling give the gradients of plain automatic differentiation."""
     import sammed3d_jax.model.common as common
+    import sammed3d_jax.model.image_encoder as image_encoder
     import sammed3d_jax.model.mask_decoder as mask_decoder
     import sammed3d_jax.model.prompt_encoder as prompt_encoder
     import sammed3d_jax.train.step as step_module
@@ -261,9 +262,15 @@ def test_gradients_equal_plain_autodiff(model, monkeypatch):
     def plain_resize(x, axis, in_size, out_size):
         return common._blend_axis(x, axis, out_size)
 
+    def plain_take_rows(values, idx):
+        idx = np.asarray(idx)
+        idx = idx.reshape((1,) * (values.ndim - idx.ndim) + idx.shape)
+        return jnp.take_along_axis(values, jnp.asarray(idx), axis=-1)
+
     for mod in (common, mask_decoder, prompt_encoder):
         monkeypatch.setattr(mod, "gelu", plain_gelu)
     monkeypatch.setattr(common, "_resize_axis", plain_resize)
+    monkeypatch.setattr(image_encoder, "take_rows", plain_take_rows)
     monkeypatch.setattr(jax, "checkpoint", lambda f, **_: f)
     assert step_module.upsample_logits is common.upsample_logits
     (l1, _), g1 = grads()
