@@ -43,9 +43,11 @@ for s in $STEPS; do
     train) bench train "${TRAIN_LIMIT:-190}" --skip encoder,accuracy,click,pipeline \
       --train-batch 12 --train-variants "${TRAIN_VARIANTS:-cudnn,cudnn+unroll}" ;;
     click) bench click 70 --skip encoder,accuracy,train,pipeline ;;
-    train_profile) step train_profile 120 python3 benchmarks/profile_train_step.py \
+    # Profiles run with command buffers (CUDA graphs) off: inside one, kernels cannot be
+    # told apart (the wall time is then higher than in the benchmarks).
+    train_profile) XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" \
+      step train_profile 120 python3 benchmarks/profile_train_step.py \
       --device gpu --batch 12 --attention cudnn --top 25 ;;
-    # Command buffers (CUDA graphs) off: inside one, kernels cannot be told apart.
     encoder_profile) for b in ${PROFILE_BATCHES:-1 32}; do
         XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" step "encoder_profile_b$b" 40 \
           python3 benchmarks/profile_train_step.py --device gpu --target encoder --by source \

@@ -31,9 +31,10 @@ for `vit_b_ori`).
 Kernels. `attention_impl="einsum"` writes the logits out and applies a float32 softmax (the
 reference). "xla" and "cudnn" hand queries, keys, values and the bias to
 `jax.nn.dot_product_attention` (cuDNN's fused kernel on NVIDIA GPUs); there the padded keys'
-closed-form weight enters as three extra keys of value b_v whose bias logits split it, so a
-bfloat16 bias keeps it accurate. "auto" (default) picks "cudnn" for bfloat16/float16 on an
-NVIDIA GPU and "einsum" otherwise.
+closed-form weight enters as three or four extra keys (whichever makes the key count even,
+as cuDNN needs) of value b_v whose bias logits split it, so a bfloat16 bias keeps it
+accurate. "auto" (default) picks "cudnn" for bfloat16/float16 on an NVIDIA GPU and "einsum"
+otherwise.
 """
 
 from __future__ import annotations
