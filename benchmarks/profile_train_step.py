@@ -17,7 +17,8 @@ On a GPU the times are the device's kernel times; on a CPU they are the host thu
     python benchmarks/profile_train_step.py --device cpu --batch 12 --memory-only
     python benchmarks/profile_train_step.py --device gpu --target encoder --batch 1 --by source
 
-``--target encoder`` profiles the image encoder's forward pass alone; ``--by source`` groups
+``--target encoder`` profiles the image encoder's forward pass alone, ``--target click`` one
+click (prompt encoder, mask decoder, upsampling to full resolution); ``--by source`` groups
 the op time by the innermost function of this project that produced each op (file:function)
 instead of by module, which splits the encoder into its attention, MLP, norms, ...
 The last line printed is a JSON object of the category totals (ms per step).
@@ -132,47 +133,50 @@ def source_of(chain: list[tuple[str, str]]) -> str:
     return f"{chain[0][0].rsplit('/', 1)[-1]}:{chain[0][1]}" if chain else "?"
 
 
-def op_times(trace_dir: str, module: str) -> tuple[collections.Counter[str], int]:
-    """Summed durations (ns) by XLA op of the HLO module ``module``.
+def op_times(
+    trace_dir: str, module: str
+) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """Summed durations (ns) and launch counts by XLA op of the HLO module ``module``.
 
     Device kernels if the trace has any (GPU), else the host's thunks (CPU). Only events
     tagged with this module count: a trace also catches whatever else the process runs.
-    Also returns the number of those events (kernels launched, or thunks run).
     """
     from jax._src.lib import _profile_data
 
     path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
     data = _profile_data.ProfileData.from_file(path)
-    device, derived, host = (collections.Counter() for _ in range(3))
-    counts = collections.Counter()
+    found = {k: (collections.Counter(), collections.Counter()) for k in ("dev", "xla", "host")}
+
+    def add(kind: str, op: str, ns: int) -> None:
+        found[kind][0][op] += ns
+        found[kind][1][op] += 1
+
     for plane in data.planes:
         if plane.name.startswith("/device:"):
             for line in plane.lines:
                 for ev in line.events:
                     stats = dict(ev.stats)
                     if line.name == "XLA Ops":  # derived line: one event per op
-                        derived[str(stats.get("hlo_op", ev.name))] += ev.duration_ns
-                        counts["derived"] += 1
+                        add("xla", str(stats.get("hlo_op", ev.name)), ev.duration_ns)
                     elif stats.get("hlo_module") == module and "hlo_op" in stats:
-                        device[str(stats["hlo_op"])] += ev.duration_ns  # kernels on streams
-                        counts["device"] += 1
+                        add("dev", str(stats["hlo_op"]), ev.duration_ns)  # kernels on streams
         elif plane.name.startswith("/host:CPU"):
             for line in plane.lines:
                 for ev in line.events:
                     stats = dict(ev.stats)
                     if stats.get("hlo_module") == module and "hlo_op" in stats:
-                        host[str(stats["hlo_op"])] += ev.duration_ns
-                        counts["host"] += 1
-    if device:
-        return device, counts["device"]
-    return (derived, counts["derived"]) if derived else (host, counts["host"])
+                        add("host", str(stats["hlo_op"]), ev.duration_ns)
+    for kind in ("dev", "xla", "host"):
+        if found[kind][0]:
+            return found[kind]
+    return collections.Counter(), collections.Counter()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--variant", default="vit_b_ori")
-    p.add_argument("--target", choices=["step", "encoder"], default="step")
+    p.add_argument("--target", choices=["step", "encoder", "click"], default="step")
     p.add_argument("--by", choices=["module", "source"], default="module")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--clicks", type=int, default=11)
@@ -212,12 +216,28 @@ def main(argv: list[str] | None = None) -> int:
     label[:, s // 3 : 2 * s // 3, s // 4 : 3 * s // 4, s // 3 : 3 * s // 4] = 1
     batch = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
     key = jax.random.key(0)
-    if args.target == "encoder":
+    if args.target in ("encoder", "click"):
+        from sammed3d_jax.model.common import upsample_logits
         from sammed3d_jax.model.sam import merge_flat, split_flat
 
         flatdef, state = split_flat(model)
-        fn = jax.jit(lambda st, x: merge_flat(flatdef, st).encode(x))
-        inputs: tuple = (batch["image"],)
+        if args.target == "encoder":
+            fn = jax.jit(lambda st, x: merge_flat(flatdef, st).encode(x))
+            inputs: tuple = (batch["image"],)
+        else:  # one click on a precomputed embedding, upsampled to full resolution
+
+            def click(st, emb, pts, labels, mask):
+                out = merge_flat(flatdef, st).decode(emb, pts, labels, mask)
+                return upsample_logits(out.low_res_logits, s)
+
+            g, low = s // cfg.patch_size, cfg.low_res_size
+            fn = jax.jit(click)
+            inputs = (
+                jnp.asarray(rng.standard_normal((args.batch, g, g, g, cfg.prompt_embed_dim))),
+                jnp.asarray(rng.uniform(0, s - 1, (args.batch, 3, 3)), jnp.float32),
+                jnp.asarray(np.tile([1, 0, 1], (args.batch, 1)), jnp.int32),
+                jnp.asarray(rng.standard_normal((args.batch, low, low, low)), jnp.float32),
+            )
     else:
         tx = make_optimizer(model, OptimConfig())
         graphdef, state = init_train_state(model, tx)
@@ -245,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     holder = {"state": state}
 
     def run() -> Any:
-        if args.target == "encoder":
+        if args.target != "step":
             return compiled(holder["state"], *inputs)
         holder["state"], metrics = compiled(holder["state"], *inputs)
         return metrics
@@ -262,10 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             jax.block_until_ready(run())
         jax.profiler.stop_trace()
-        times, n_events = op_times(trace_dir, text.split()[1].rstrip(","))
+        times, launches = op_times(trace_dir, text.split()[1].rstrip(","))
+    n_events = sum(launches.values())
 
     per_step = {k: v / args.repeats / 1e6 for k, v in times.items()}
     table: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    count: collections.Counter[tuple[str, str, str]] = collections.Counter()  # launches
     top_op: dict[tuple[str, str, str], tuple[str, float]] = {}
     unknown = 0.0
     for name, ms in per_step.items():
@@ -279,21 +301,28 @@ def main(argv: list[str] | None = None) -> int:
         what = source_of(chain) if args.by == "source" else categorise(chain, op_name)
         row = (what, direction, place)
         table[row] += ms
+        count[row] += launches[name] / args.repeats
         if ms > top_op.get(row, ("", 0.0))[1]:
             top_op[row] = (name, ms)
     total = sum(per_step.values())
-    what = f"{args.clicks} clicks" if args.target == "step" else "encoder forward"
+    what = {"step": f"{args.clicks} clicks", "encoder": "encoder forward"}.get(
+        args.target, "one click"
+    )
     print(
         f"device: {jax.devices()[0].device_kind}; batch {args.batch}, {what}, "
         f"wall {np.median(walls) * 1e3:.2f} ms, summed op time {total:.2f} ms, "
         f"{n_events / args.repeats:.0f} ops/kernels per call"
     )
     width = max([16] + [len(r[0]) for r in table])
-    print(f"{args.by:{width}s} {'dir':4s} {'place':5s} {'ms':>9s} {'share':>6s}  largest op")
+    head = f"{args.by:{width}s} {'dir':4s} {'place':5s} {'ms':>9s} {'share':>6s} {'ops':>6s}"
+    print(f"{head}  largest op")
     for row, ms in table.most_common():
         cat, direction, place = row
         big = top_op[row][0]
-        print(f"{cat:{width}s} {direction:4s} {place:5s} {ms:9.2f} {ms / total:6.1%}  {big[:40]}")
+        print(
+            f"{cat:{width}s} {direction:4s} {place:5s} {ms:9.2f} {ms / total:6.1%} "
+            f"{count[row]:6.0f}  {big[:40]}"
+        )
     if unknown:
         print(f"{'(unmapped)':27s} {unknown:9.2f} {unknown / total:6.1%}")
     print(f"\ntop {args.top} ops:")
@@ -313,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "unmapped_ms": unknown,
         "compiled_gib": memory_gib,
         "by_category_ms": {"/".join(k): round(v, 3) for k, v in table.most_common()},
+        "ops_by_category": {"/".join(k): count[k] for k, _ in table.most_common()},
     }
     print(json.dumps(result))
     return 0

@@ -18,3 +18,16 @@ def test_profile_maps_ops_to_modules(capsys):
     assert any(key.endswith("/bwd/loop") for key in cats)
     assert "image encoder/bwd/main" in cats
     assert result["unmapped_ms"] < 0.05 * result["summed_op_ms"]
+    assert sum(result["ops_by_category"].values()) <= result["ops_per_call"] + 1e-6
+
+
+def test_encoder_profile_by_source(capsys):
+    args = "--device cpu --variant tiny --target encoder --by source --repeats 1 --top 3".split()
+    assert profile_train_step.main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    sources = {key.split("/")[0] for key in result["by_category_ms"]}
+    # Rows name the project's functions: the attention and MLP of the encoder blocks.
+    assert "common.py:MLPBlock.__call__" in sources
+    assert any(s.startswith("image_encoder.py:Attention.") for s in sources)
+    assert all(key.endswith("/fwd/main") for key in result["by_category_ms"])
+    assert result["ops_per_call"] > 0
