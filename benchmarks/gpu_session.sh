@@ -7,12 +7,15 @@
 # Python packages the GPU image lacks travel as wheels in .whl/ (see BENCHMARKS.md).
 # Each step has its own time limit and writes its output as it goes, so a step cut short
 # still leaves the others' results. A fresh machine's first CUDA start-up and compilations
-# are slow: the default steps' limits add up to ~600 s, more than fits one call, so a call
-# names the steps it can afford (STEPS="quick encoder_profile" fits in ~300 s).
+# are slow: the default steps' limits add up to 650 s, more than fits one 600 s call, so a
+# call names the steps it can afford (STEPS="quick encoder_profile" PROFILE_BATCHES=1 needs
+# at most 300 s).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 STEPS=${STEPS:-train click train_profile encoder_profile encoder tests}
 mkdir -p "$OUT"
+: >"$OUT/steps.txt"
+NO_CMD_BUFFERS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="  # last flag wins
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -45,11 +48,11 @@ for s in $STEPS; do
     click) bench click 70 --skip encoder,accuracy,train,pipeline ;;
     # Profiles run with command buffers (CUDA graphs) off: inside one, kernels cannot be
     # told apart (the wall time is then higher than in the benchmarks).
-    train_profile) XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" \
+    train_profile) XLA_FLAGS="$NO_CMD_BUFFERS" \
       step train_profile 120 python3 benchmarks/profile_train_step.py \
       --device gpu --batch 12 --attention cudnn --top 25 ;;
     encoder_profile) for b in ${PROFILE_BATCHES:-1 32}; do
-        XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" step "encoder_profile_b$b" 40 \
+        XLA_FLAGS="$NO_CMD_BUFFERS" step "encoder_profile_b$b" 40 \
           python3 benchmarks/profile_train_step.py --device gpu --target encoder --by source \
           --batch "$b" --attention cudnn --repeats 5 --top 20
       done ;;

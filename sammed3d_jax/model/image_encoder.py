@@ -39,6 +39,7 @@ otherwise.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -89,35 +90,44 @@ def take_rows(values: Array, idx: np.ndarray) -> Array:
     """``take_along_axis(values, idx, -1)`` for a static index whose rows never repeat an
     entry, with a gather as its backward pass.
 
-    idx: (..., X), broadcast against values' leading axes from the right. Since no index
-    repeats within a row, the gradient of values is the output gradient gathered back (zero
-    where no output took the entry) rather than a scatter-add.
+    idx: (..., X) integers in [0, values.shape[-1]), broadcast against values' leading axes
+    from the right. Since no index repeats within a row, the gradient of values is the
+    output gradient gathered back (zero where no output took the entry) rather than a
+    scatter-add. Reverse mode only (a custom VJP): ``jax.jvp`` through it is not supported.
     """
     idx = np.asarray(idx)
+    size = values.shape[-1]
+    if idx.ndim > values.ndim or idx.size == 0:
+        raise ValueError(f"take_rows: index shape {idx.shape} for values {values.shape}")
+    lead = values.shape[values.ndim - idx.ndim : -1]
+    if any(i not in (1, v) for i, v in zip(idx.shape[:-1], lead, strict=True)):
+        raise ValueError(f"take_rows: index shape {idx.shape} does not broadcast to {values.shape}")
+    if idx.min() < 0 or idx.max() >= size:
+        raise ValueError(f"take_rows: indices must lie in [0, {size})")
     ordered = np.sort(idx, axis=-1)
     if (ordered[..., 1:] == ordered[..., :-1]).any():
         raise ValueError("take_rows: an index row repeats an entry")
-    size = values.shape[-1]
     inverse = np.full((*idx.shape[:-1], size), -1)
     rows = np.indices(idx.shape[:-1])
     for x in range(idx.shape[-1]):
         inverse[(*rows, idx[..., x])] = x
-    lead = values.ndim - idx.ndim
-    idx_j = jnp.asarray(idx).reshape((1,) * lead + idx.shape)
+    pad = (1,) * (values.ndim - idx.ndim)
+    idx_j = jnp.asarray(idx).reshape(pad + idx.shape)
     taken = inverse >= 0
-    inverse_j = jnp.asarray(np.where(taken, inverse, 0)).reshape((1,) * lead + inverse.shape)
+    inverse_j = jnp.asarray(np.where(taken, inverse, 0)).reshape(pad + inverse.shape)
     taken_j = jnp.asarray(taken).reshape(inverse_j.shape)
+    # Static, checked indices: no bounds masking in the gathers.
+    take = functools.partial(jnp.take_along_axis, axis=-1, mode="promise_in_bounds")
 
     @jax.custom_vjp
     def gather(v: Array) -> Array:
-        return jnp.take_along_axis(v, idx_j, axis=-1)
+        return take(v, idx_j)
 
     def fwd(v: Array) -> tuple[Array, None]:
         return gather(v), None
 
     def bwd(_, g: Array) -> tuple[Array]:
-        back = jnp.take_along_axis(g, inverse_j, axis=-1)
-        return (jnp.where(taken_j, back, jnp.zeros((), g.dtype)),)
+        return (jnp.where(taken_j, take(g, inverse_j), jnp.zeros((), g.dtype)),)
 
     gather.defvjp(fwd, bwd)
     return gather(values)
@@ -286,6 +296,25 @@ class Attention(nnx.Module):
                 f"attention_impl 'cudnn' needs an NVIDIA GPU of compute capability >= 8.0 "
                 f"(JAX backend is {jax.default_backend()!r}); use 'auto', 'xla' or 'einsum'"
             )
+        qs, ks, vs, bias = self.fused_operands(q, k, v, window, impl)
+        out = jax.nn.dot_product_attention(
+            qs,
+            ks,
+            vs,
+            bias=bias,
+            scale=self.scale,
+            implementation=impl,
+        )
+        return out[:, : q.shape[2] * q.shape[3] * q.shape[4]].astype(self.dtype)
+
+    def fused_operands(
+        self, q: Array, k: Array, v: Array, window: int | None, impl: str
+    ) -> tuple[Array, Array, Array, Array | None]:
+        """Queries, keys, values (B, n', K, E) and bias (B, K, n', m) for the fused kernel.
+
+        For cuDNN both lengths are even (its backward pass with a bias needs that); the
+        extra keys of a partly padded window are chosen so that vit_b_ori needs no padding.
+        """
         b, heads, d, h, w, e = q.shape
         n = d * h * w
         dt = self.dtype
@@ -318,15 +347,7 @@ class Attention(nnx.Module):
             bias = _pad_axis(_pad_axis(bias, 2, q_len), 3, kv_len, value=_EXCLUDED)
         if bias is not None:
             bias = bias.astype(dt)
-        out = jax.nn.dot_product_attention(
-            qs,
-            ks,
-            vs,
-            bias=bias,
-            scale=self.scale,
-            implementation=impl,
-        )
-        return out[:, :n].astype(dt)
+        return qs, ks, vs, bias
 
     def _padding_logit(
         self, q: Array, real: tuple[int, int, int], window: int, terms: RelPosTerms | None

@@ -199,25 +199,49 @@ def count_params(model: nnx.Module) -> int:
     return int(sum(x.size for x in jax.tree_util.tree_leaves(state)))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class FlatDef:
-    """The static half of `split_flat`: hashable, so a jitted function takes it as static."""
+    """The static half of `split_flat`, hashable so a jitted function takes it as static.
+
+    jit hashes its static arguments on every call, and hashing an `nnx.GraphDef` walks the
+    whole module graph (~1.5 ms for `vit_b_ori`): the hash is computed once here, and
+    `split_flat` returns one shared instance per architecture, so a cache lookup is an
+    identity check.
+    """
 
     graphdef: Any
     treedef: Any
+    _hash: int = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.graphdef, self.treedef)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, FlatDef) or self._hash != other._hash:
+            return False
+        return self.graphdef == other.graphdef and self.treedef == other.treedef
+
+
+_FLATDEFS: dict[FlatDef, FlatDef] = {}
 
 
 def split_flat(module: nnx.Module) -> tuple[FlatDef, list[Array]]:
     """`nnx.split` with the state as a plain list of arrays.
 
     A jitted call flattens its arguments on every call; an `nnx.State` does that in Python
-    (~0.2 ms for `vit_b_ori`'s 189 arrays), a list in C++ (~0.04 ms). That difference is a
-    tenth of a batch-1 encoder call on a GPU, so per-call paths (inference, benchmarks)
-    pass the list and rebuild the module inside the trace with `merge_flat`.
+    (~0.2 ms for `vit_b_ori`'s 189 arrays), a list in C++ (~0.04 ms). Per-call paths
+    (inference, benchmarks) pass the list and rebuild the module inside the trace with
+    `merge_flat`.
     """
     graphdef, state = nnx.split(module)
     leaves, treedef = jax.tree_util.tree_flatten(state)
-    return FlatDef(graphdef, treedef), leaves
+    flatdef = FlatDef(graphdef, treedef)
+    return _FLATDEFS.setdefault(flatdef, flatdef), leaves
 
 
 def merge_flat(flatdef: FlatDef, leaves: list[Array]) -> Any:

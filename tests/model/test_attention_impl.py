@@ -140,6 +140,34 @@ def test_padding_keys_make_even_key_counts():
         assert (n + padding_key_count(n)) % 2 == 0
 
 
+@pytest.mark.parametrize("window, grid", [(14, 8), (6, 4), (6, 3)])
+def test_cudnn_operands_have_even_lengths_without_padding_vit_b_windows(window, grid):
+    """What cuDNN receives (traced on any backend): even query and key counts, and for an
+    even real-token count (vit_b_ori: 8³ in a 14³ window) no padded copy of the bias."""
+    from sammed3d_jax.model.image_encoder import Attention
+
+    cfg = Sam3DConfig.from_variant("vit_b_ori", dtype="bfloat16", attention_impl="cudnn")
+    attn = nnx.eval_shape(lambda: Attention(cfg, window, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(attn)
+    shape = (2, cfg.encoder_num_heads, grid, grid, grid, 64)
+    q = k = v = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+
+    def operands(state, q, k, v):
+        return nnx.merge(graphdef, state).fused_operands(q, k, v, window, "cudnn")
+
+    qs, ks, vs, bias = jax.eval_shape(operands, state, q, k, v)
+    assert vs.shape == ks.shape
+    n = grid**3
+    assert qs.shape[1] % 2 == 0 and ks.shape[1] % 2 == 0
+    assert bias.shape == (2, cfg.encoder_num_heads, qs.shape[1], ks.shape[1])
+    prims = {e.primitive.name for e in jax.make_jaxpr(operands)(state, q, k, v).eqns}
+    if n % 2 == 0:
+        assert (qs.shape[1], ks.shape[1]) == (n, n + padding_key_count(n))
+        assert "pad" not in prims
+    else:
+        assert qs.shape[1] == n + 1
+
+
 @pytest.mark.parametrize("n_parts", [3, 4])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_split_logit_keeps_the_padding_weight(dtype, n_parts):

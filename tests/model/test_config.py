@@ -120,4 +120,21 @@ def test_split_flat_round_trip_and_jit_argument():
     graphdef, state = nnx.split(model)
     reference = jax.jit(lambda state, x: nnx.merge(graphdef, state).encode(x))
     np.testing.assert_array_equal(np.asarray(encode(leaves, x)), np.asarray(reference(state, x)))
-    assert split_flat(build_sam3d("tiny", seed=1))[0] == flatdef  # same architecture
+    # Same architecture, other weights: the very same static half, so jit's cache lookup is
+    # an identity check and no second compilation happens.
+    assert split_flat(build_sam3d("tiny", seed=1))[0] is flatdef
+    assert split_flat(build_sam3d("tiny", seed=1).image_encoder)[0] != flatdef
+
+
+def test_flatdef_hash_is_computed_once(monkeypatch):
+    from sammed3d_jax.model.sam import split_flat
+
+    flatdef, _ = split_flat(build_sam3d("tiny"))
+    calls = []
+    graphdef_type = type(flatdef.graphdef)
+    original = graphdef_type.__hash__
+    monkeypatch.setattr(graphdef_type, "__hash__", lambda self: calls.append(1) or original(self))
+    for _ in range(3):
+        hash(flatdef)
+        assert flatdef == flatdef
+    assert not calls  # jit hashes static arguments on every call: this must stay cheap

@@ -127,6 +127,30 @@ def test_take_rows_and_its_gather_backward_equal_take_along_axis(n, extent, s):
         )
 
 
-def test_take_rows_rejects_repeated_indices():
-    with pytest.raises(ValueError, match="repeats"):
-        take_rows(jnp.zeros((2, 5)), np.array([[0, 1, 1]]))
+def test_take_rows_under_jit_in_bfloat16():
+    idx = _rel_pos_indices(4, 6, 6)[2]
+    values = jnp.asarray(np.random.default_rng(1).standard_normal((3, 4, 4, 6, 11)), jnp.bfloat16)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(take_rows(v, idx).astype(jnp.float32) ** 2)))
+    plain = jax.grad(
+        lambda v: jnp.sum(
+            jnp.take_along_axis(v, jnp.asarray(idx)[None], -1).astype(jnp.float32) ** 2
+        )
+    )
+    g = grad(values)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(plain(values), np.float32))
+
+
+@pytest.mark.parametrize(
+    "idx, match",
+    [
+        ([[0, 1, 1]], "repeats"),
+        ([[4, -1]], r"\[0, 5\)"),
+        ([[0, 5]], r"\[0, 5\)"),
+        ([[[1, 2]], [[1, 2]], [[1, 2]]], "index shape"),
+        ([[1, 2], [2, 3], [0, 1]], "does not broadcast"),
+    ],
+)
+def test_take_rows_rejects_bad_indices(idx, match):
+    with pytest.raises(ValueError, match=match):
+        take_rows(jnp.zeros((2, 5)), np.array(idx))
