@@ -317,7 +317,9 @@ def resample_to_grid(
     outside it is 0. With ``order="nearest"`` the source box is narrowed further to the
     bounding box of the non-zero source voxels (nearest neighbour only copies values, so
     nothing else can be non-zero). This matters for :func:`paste_back`, where a 128³ ROI
-    (and the prediction inside it) covers a small part of a large original grid.
+    (and the prediction inside it) covers a small part of a large original grid. For
+    grids related by axis permutations and flips, nearest-neighbour values come from 1-D
+    index computations (:func:`_nearest_separable`, same arithmetic, bit-identical).
 
     Args:
       array: source volume, shape ``(n0, n1, n2)`` in the source grid's voxel order.
@@ -351,6 +353,12 @@ def resample_to_grid(
         return out
     (i0, i1), (j0, j1), (k0, k1) = box
 
+    if order == "nearest":
+        fast = _nearest_separable(src, src_grid, dst_grid, (m0, m1, m2), box)
+        if fast is not None:
+            out[i0:i1, j0:j1, k0:k1] = fast
+            return out
+
     # The same index values as the full computation, sliced to the box.
     j = np.arange(m1, dtype=np.float64)[j0:j1, None]
     alpha = (np.arange(m0, dtype=np.float64) / float(m0))[i0:i1, None, None]
@@ -372,6 +380,72 @@ def resample_to_grid(
             values = _cast_like_itk(_sample_linear(src, x, inside), src.dtype)
         out[i0:i1, j0:j1, k_lo:k_hi] = values
     return out
+
+
+def _nearest_separable(
+    src: np.ndarray,
+    src_grid: _ItkGrid,
+    dst_grid: _ItkGrid,
+    dst_shape: tuple[int, int, int],
+    box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]],
+) -> np.ndarray | None:
+    """Nearest-neighbour values on ``box`` when every source index follows one output axis.
+
+    For grids related by axis permutations and flips (the pipeline's ROI and original grids)
+    the scan-line formula of :func:`resample_to_grid` gives each source axis's continuous
+    index as a function of a single output index. Checked exactly on the computed start
+    and end indices, that lets the same floating-point operations run on 1-D arrays, and
+    the gather becomes three ``take``s: bit-identical to the general path. Returns None
+    (general path) for any other map, e.g. oblique grids.
+    """
+    (i0, i1), (j0, j1), (k0, k1) = box
+    m0 = dst_shape[0]
+    j = np.arange(dst_shape[1], dtype=np.float64)[j0:j1, None]
+    k = np.arange(dst_shape[2], dtype=np.float64)[None, k0:k1]
+    start = _point_to_cindex(src_grid, _index_to_point(dst_grid, 0.0, j, k))
+    end = _point_to_cindex(src_grid, _index_to_point(dst_grid, float(m0), j, k))
+    alpha = (np.arange(m0, dtype=np.float64) / float(m0))[i0:i1]
+    plane = (j1 - j0, k1 - k0)
+    source_of_axis: dict[int, int] = {}
+    x_of_source: dict[int, np.ndarray] = {}
+    constant = []
+    for r in range(3):
+        st, en = np.broadcast_to(start[r], plane), np.broadcast_to(end[r], plane)
+        if (st == st[0, 0]).all() and (en == en[0, 0]).all():
+            if en[0, 0] != st[0, 0]:  # along i: x = start + alpha (end - start)
+                axis, x = 0, st[0, 0] + alpha * (en[0, 0] - st[0, 0])
+            else:  # constant: x = start + alpha * 0
+                constant.append(r)
+                x_of_source[r] = st[0, :1] + alpha[:1] * 0.0
+                continue
+        elif (en == st).all() and (st == st[:, :1]).all():  # along j only
+            axis, x = 1, st[:, 0] + alpha[0] * 0.0
+        elif (en == st).all() and (st == st[:1, :]).all():  # along k only
+            axis, x = 2, st[0, :] + alpha[0] * 0.0
+        else:
+            return None
+        if axis in source_of_axis:
+            return None
+        source_of_axis[axis], x_of_source[r] = r, x
+    for r in constant:  # a constant index can only stand for an output axis of length 1
+        free = [a for a in range(3) if a not in source_of_axis and box[a][1] - box[a][0] == 1]
+        if not free:
+            return None
+        source_of_axis[free[0]] = r
+    n = src.shape
+    values = src.transpose([source_of_axis[a] for a in range(3)])
+    inside = []
+    for a in range(3):
+        r = source_of_axis[a]
+        x = x_of_source[r]
+        idx = np.clip(np.floor(x + 0.5), 0, n[r] - 1).astype(np.intp)
+        values = np.take(values, idx, axis=a)
+        inside.append((x >= -0.5) & (x < n[r] - 0.5))
+    values = np.ascontiguousarray(values)
+    values[~inside[0]] = 0
+    values[:, ~inside[1]] = 0
+    values[:, :, ~inside[2]] = 0
+    return values
 
 
 def _resample_to_grid_reference(

@@ -713,6 +713,33 @@ def test_paste_back_fast_equals_reference_oblique() -> None:
         _assert_fast_equals_reference(mask, roi_aff, shape, aff)
 
 
+def test_paste_back_uses_the_separable_path_for_pipeline_grids(monkeypatch) -> None:
+    # Permuted/flipped grids take the 1-D path (the tests above prove it bit-identical);
+    # oblique ones fall back to the general scan-line computation.
+    taken = []
+    original = geo._nearest_separable
+
+    def spy(*args):
+        out = original(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(geo, "_nearest_separable", spy)
+    shape = (90, 80, 70)
+    perm, flips = _ORIENTATIONS["PSR"]
+    aff = _affine((0.8, 1.2, 2.0), (10.0, -20.0, 30.0), perm, flips)
+    roi_aff, can_shape = _pipeline_roi_affine(shape, aff, np.zeros(3, np.int64))
+    roi_aff, _ = _pipeline_roi_affine(shape, aff, (np.array(can_shape) - CROP) // 2)
+    _assert_fast_equals_reference(np.ones((CROP,) * 3, np.uint8), roi_aff, shape, aff)
+    assert taken == [True]
+    oblique = roi_aff.copy()
+    oblique[:3, :3] = oblique[:3, :3] @ np.array(
+        [[1.0, 0.0, 0.0], [0.0, np.cos(0.2), -np.sin(0.2)], [0.0, np.sin(0.2), np.cos(0.2)]]
+    )
+    _assert_fast_equals_reference(np.ones((CROP,) * 3, np.uint8), oblique, shape, aff)
+    assert taken == [True, False]
+
+
 def test_paste_back_roi_entirely_outside_is_zero_and_skipped() -> None:
     shape = (120, 110, 40)
     aff = _affine((0.7, 0.7, 5.0), (40.0, 38.0, -100.0), flips=(-1, -1, 1))
