@@ -18,6 +18,24 @@ def shared_root() -> Path | None:
     return path if path.is_dir() else None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_compilation_cache(tmp_path_factory):
+    """A persistent compilation cache shared by the `train.py` runs the tests start.
+
+    Set once this process's JAX has read its configuration, so only child processes use it:
+    a run that repeats another's configuration (a resumed or restarted run) loads the
+    compiled step instead of compiling it again.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES

@@ -8,6 +8,8 @@ the qkv bias and the relative-position tables included) for one-window and multi
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,13 @@ from tests.conftest import randomize_params
 
 def random_attention(cfg: Sam3DConfig, side: int, seed: int) -> Attention:
     return randomize_params(nnx.eval_shape(lambda: Attention(cfg, side, rngs=nnx.Rngs(0))), seed)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def padded_reference(attn: Attention, x: jax.Array, window: int) -> jax.Array:
+    """The original's literal computation: zero-padded windows, every token attended."""
+    wins, padded = window_partition(x, window)
+    return window_unpartition(attn.attend_padded(wins), window, padded, x.shape[1:4])
 
 
 @pytest.mark.parametrize(
@@ -49,9 +58,8 @@ def test_exact_equals_padded(grid, window, qkv_bias):
         np.random.default_rng(grid).standard_normal((2, grid, grid, grid, 24)), jnp.float32
     )
     with jax.default_matmul_precision("highest"):
-        wins, padded = window_partition(x, window)
-        reference = window_unpartition(attn.attend_padded(wins), window, padded, x.shape[1:4])
-        exact = windowed_attention_exact(attn, x, window)
+        reference = padded_reference(attn, x, window)
+        exact = jax.jit(windowed_attention_exact, static_argnums=2)(attn, x, window)
     np.testing.assert_allclose(np.asarray(exact), np.asarray(reference), rtol=2e-5, atol=2e-5)
 
 
@@ -66,9 +74,8 @@ def test_exact_handles_peaked_relative_positions():
         table.value = table.value * 20.0
     x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 8, 8, 8, 24)) * 3, jnp.float32)
     with jax.default_matmul_precision("highest"):
-        wins, padded = window_partition(x, 14)
-        reference = window_unpartition(attn.attend_padded(wins), 14, padded, (8, 8, 8))
-        exact = windowed_attention_exact(attn, x, 14)
+        reference = padded_reference(attn, x, 14)
+        exact = jax.jit(windowed_attention_exact, static_argnums=2)(attn, x, 14)
     assert np.isfinite(np.asarray(exact)).all()
     scale = np.abs(np.asarray(reference)).max()
     assert np.abs(np.asarray(exact) - np.asarray(reference)).max() <= 1e-4 * scale
