@@ -35,6 +35,7 @@ import re
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remat", action="store_true", help="rematerialise the encoder blocks")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--top", type=int, default=15, help="print the N most expensive ops")
+    p.add_argument("--dump-hlo", metavar="FILE", help="write the compiled (optimised) HLO here")
     p.add_argument(
         "--memory-only",
         action="store_true",
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"batch": args.batch, "compiled_gib": memory_gib}))
         return 0
     text = compiled.as_text()
+    if args.dump_hlo:
+        Path(args.dump_hlo).write_text(text)
     instrs = parse_hlo(text)
     chains = parse_stack_frames(text)
 

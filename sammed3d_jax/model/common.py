@@ -47,6 +47,37 @@ def _gelu_bwd(x: Array, g: Array) -> tuple[Array]:
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+@jax.custom_vjp
+def materialize_cotangent(x: Array) -> Array:
+    """Identity whose backward pass, on CPU, writes the incoming gradient out to memory.
+
+    Placed on the encoder's residual stream between blocks. XLA:CPU otherwise never
+    materialises the residual gradient: every fusion that reads it recomputes the whole
+    chain of gradient additions from the last block down (fusions of 170 operands, most of
+    the encoder's backward time spent in LayerNorm gradients). A conditional is a fusion
+    boundary; its predicate is data-dependent so that it is not folded away. Other
+    backends fuse with a cost model and get the identity.
+    """
+    return x
+
+
+def _materialize_fwd(x: Array) -> tuple[Array, None]:
+    return x, None
+
+
+def _materialize_on_cpu(g: Array) -> Array:
+    first = g[(0,) * g.ndim]  # one element (a reshape would regather a sharded g)
+    # Both branches give g exactly (x * 1 == x for every float, NaN included).
+    return jax.lax.cond(first == first, lambda t: t, lambda t: t * 1, g)
+
+
+def _materialize_bwd(_, g: Array) -> tuple[Array]:
+    return (jax.lax.platform_dependent(g, cpu=_materialize_on_cpu, default=lambda t: t),)
+
+
+materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 class Buffer(nnx.Variable):
     """A persistent, non-trainable array (PyTorch `register_buffer`): saved, never optimised."""
 

@@ -47,7 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sammed3d_jax.model.common import LayerNorm, MLPBlock, conv3d, gelu, linear
+from sammed3d_jax.model.common import (
+    LayerNorm,
+    MLPBlock,
+    conv3d,
+    gelu,
+    linear,
+    materialize_cotangent,
+)
 from sammed3d_jax.model.config import Sam3DConfig
 from sammed3d_jax.sharding import shard
 
@@ -548,6 +555,7 @@ class Block3D(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """x: (B, D, H, W, C) float32 residual stream."""
+        x = materialize_cotangent(x)
         h = self.norm1(x)
         ws = self.window_size
         if ws == 0:
