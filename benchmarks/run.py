@@ -43,6 +43,21 @@ def median_time(fn, repeats: int, sync=lambda out: out) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, tuple[Any, Any]], repeats: int) -> dict[str, float]:
+    """Median wall time (s) of each ``fn()`` (synced by its ``sync``), measured round-robin:
+    one warm-up run each, then `repeats` rounds that run every function once. On a shared,
+    noisy machine both sides of a ratio then see the same slow spells."""
+    for fn, sync in fns.values():
+        sync(fn())
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, (fn, sync) in fns.items():
+            t0 = time.perf_counter()
+            sync(fn())
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def device_info(jax_mod, torch_mod) -> dict[str, Any]:
     d = jax_mod.devices()[0]
     info = {
@@ -117,30 +132,39 @@ def _encoder_batch(out, fns, impls, b, ref, repeats, gpu, compiled, compile_batc
 
     dev = "cuda" if gpu else "cpu"
     x = np.random.default_rng(b).standard_normal((b, 128, 128, 128), np.float32)
-    xj = jax.device_put(jnp.asarray(x))
-    for i, impl in enumerate(impls):
-        encode, state = fns[impl]
-        t = median_time(lambda xj=xj, f=encode, s=state: f(s, xj), repeats, jax.block_until_ready)
-        key = f"encoder_b{b}" if i == 0 else f"encoder_{impl}_b{b}"
-        out[f"{key}_ms"] = 1e3 * t
-        out[f"{key}_volumes_per_sec"] = b / t
-    del xj
-    xt = torch.from_numpy(x[:, None]).to(dev)
+    # Held in a dict so that the closures below let go of them when it is cleared.
+    inputs = {"jax": jax.device_put(jnp.asarray(x)), "torch": torch.from_numpy(x[:, None]).to(dev)}
 
     def torch_sync(o):
         if gpu:
             torch.cuda.synchronize()
         return o
 
-    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
-        tt = median_time(lambda xt=xt: ref.image_encoder(xt), repeats, torch_sync)
-        out[f"torch_encoder_b{b}_ms"] = 1e3 * tt
-        out[f"torch_encoder_b{b}_volumes_per_sec"] = b / tt
-        if compiled is not None and b in compile_batches:
-            tc = median_time(lambda xt=xt: compiled(xt), repeats, torch_sync)
-            out[f"torch_compiled_encoder_b{b}_ms"] = 1e3 * tc
-            out[f"torch_compiled_encoder_b{b}_volumes_per_sec"] = b / tc
-    del xt
+    def under_autocast(fn):
+        def run():
+            with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
+                return fn(inputs["torch"])
+
+        return run
+
+    timed = {
+        impl: (lambda f=encode, s=state: f(s, inputs["jax"]), jax.block_until_ready)
+        for impl, (encode, state) in fns.items()
+    }
+    timed["torch"] = (under_autocast(ref.image_encoder), torch_sync)
+    if compiled is not None and b in compile_batches:
+        timed["torch_compiled"] = (under_autocast(compiled), torch_sync)
+    times = interleaved_medians(timed, repeats)
+    for i, impl in enumerate(impls):
+        key = f"encoder_b{b}" if i == 0 else f"encoder_{impl}_b{b}"
+        out[f"{key}_ms"] = 1e3 * times[impl]
+        out[f"{key}_volumes_per_sec"] = b / times[impl]
+    for side in ("torch", "torch_compiled"):
+        if side in times:
+            out[f"{side}_encoder_b{b}_ms"] = 1e3 * times[side]
+            out[f"{side}_encoder_b{b}_volumes_per_sec"] = b / times[side]
+    tt = times["torch"]
+    inputs.clear()
     if gpu:
         torch.cuda.empty_cache()
     t = out[f"encoder_b{b}_ms"] / 1e3
@@ -195,7 +219,6 @@ def bench_click(ours, ref, repeats, gpu) -> dict[str, float]:
     lab = np.array([[1, 0, 1]])
     mask = rng.standard_normal((1, 32, 32, 32)).astype(np.float32)
     args = [jax.device_put(jnp.asarray(a)) for a in (emb, pts, lab, mask)]
-    t = median_time(lambda: click(state, *args), repeats, jax.block_until_ready)
     dev = "cuda" if gpu else "cpu"
     e = torch.from_numpy(emb.transpose(0, 4, 1, 2, 3).copy()).to(dev)
     p, lb = torch.from_numpy(pts).to(dev), torch.from_numpy(lab).to(dev)
@@ -211,8 +234,18 @@ def bench_click(ours, ref, repeats, gpu) -> dict[str, float]:
             torch.cuda.synchronize()
         return o
 
-    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
-        tt = median_time(torch_click, repeats, sync)
+    def torch_click_autocast():
+        with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
+            return torch_click()
+
+    times = interleaved_medians(
+        {
+            "ours": (lambda: click(state, *args), jax.block_until_ready),
+            "torch": (torch_click_autocast, sync),
+        },
+        repeats,
+    )
+    t, tt = times["ours"], times["torch"]
     return {"click_b1_ms": 1e3 * t, "torch_click_b1_ms": 1e3 * tt, "ratio_click_b1": t / tt}
 
 
@@ -405,7 +438,7 @@ def main(argv=None) -> int:
         compile_batches = set(batches)
         if args.torch_compile_batches:
             compile_batches = {int(b) for b in args.torch_compile_batches.split(",")}
-    repeats = args.repeats or (10 if gpu else 3)
+    repeats = args.repeats or (10 if gpu else 5)
     result: dict[str, Any] = {"device": args.device, **device_info(jax, torch), "dtype": dtype}
     result["attention_impls"] = impls
     peak = measure_matmul_peak(dtype)
