@@ -21,9 +21,10 @@ def test_profile_maps_ops_to_modules(capsys):
     assert sum(result["ops_by_category"].values()) <= result["ops_per_call"] + 1e-6
 
 
-def test_encoder_profile_by_source(capsys):
+def test_encoder_profile_by_source(capsys, tmp_path):
     args = "--device cpu --variant tiny --target encoder --by source --repeats 1 --top 3".split()
-    assert profile_train_step.main(args) == 0
+    assert profile_train_step.main([*args, "--dump-hlo", str(tmp_path / "encoder.hlo")]) == 0
+    assert (tmp_path / "encoder.hlo").read_text().startswith("HloModule")
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     sources = {key.split("/")[0] for key in result["by_category_ms"]}
     # Rows name the project's functions: the attention and MLP of the encoder blocks.
