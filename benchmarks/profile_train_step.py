@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         fn = jax.jit(make_train_step(graphdef, tx, train_cfg), donate_argnums=0)
         inputs = (batch, key)
     compiled = fn.lower(state, *inputs).compile()
+    if args.dump_hlo:
+        Path(args.dump_hlo).write_text(compiled.as_text())
     mem = compiled.memory_analysis()
     memory_gib = None
     if mem is not None:  # arguments + outputs + temporaries, less the donated aliases
@@ -261,8 +263,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"batch": args.batch, "compiled_gib": memory_gib}))
         return 0
     text = compiled.as_text()
-    if args.dump_hlo:
-        Path(args.dump_hlo).write_text(text)
     instrs = parse_hlo(text)
     chains = parse_stack_frames(text)
 
