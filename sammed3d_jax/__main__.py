@@ -73,7 +73,11 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-windows", type=int, default=27, help="window limit with --tile")
     p.add_argument(
-        "--spacing", type=float, default=1.5, help="isotropic model-grid spacing in mm (1.5)"
+        "--spacing",
+        type=float,
+        default=None,
+        help="isotropic model-grid spacing in mm (default: the spacing a train.py run was "
+        "trained on, else 1.5 as the released models)",
     )
     p.add_argument("--out", required=True, type=Path, help="output mask (.nii / .nii.gz)")
     p.add_argument("--png", type=Path, help="optional overlay PNG (three orthogonal slices)")
@@ -85,6 +89,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     from sammed3d_jax.checkpoint import load_model
     from sammed3d_jax.data.nifti import load_volume, save_mask
+    from sammed3d_jax.eval.runner import resolve_spacing
     from sammed3d_jax.inference.overlay import save_overlay_png
     from sammed3d_jax.inference.predictor import Predictor, PredictorError, check_clicks
 
@@ -95,7 +100,7 @@ def _segment(args: argparse.Namespace) -> int:
         raise PredictorError(f"--png {args.png}: the overlay name must end in .png")
     if args.max_windows < 1:
         raise PredictorError(f"--max-windows must be >= 1, got {args.max_windows}")
-    if not args.spacing > 0:
+    if args.spacing is not None and not args.spacing > 0:
         raise PredictorError(f"--spacing must be > 0, got {args.spacing}")
     image = load_volume(args.image, kind="image")
     points = np.array([p[:3] for p in args.point], dtype=np.float64)
@@ -106,7 +111,8 @@ def _segment(args: argparse.Namespace) -> int:
     if not args.checkpoint.exists():
         raise PredictorError(f"--checkpoint {args.checkpoint}: no such file or directory")
     model = load_model(args.checkpoint)
-    predictor = Predictor(model, spacing=(args.spacing,) * 3)
+    spacing = resolve_spacing(args.spacing, args.checkpoint)
+    predictor = Predictor(model, spacing=spacing)
     predictor.set_image(image)
     if args.tile:
         result = predictor.predict_tiled(points, labels, mm=args.mm, max_windows=args.max_windows)
@@ -130,7 +136,8 @@ def _segment(args: argparse.Namespace) -> int:
             labels,
             title=f"{args.image.name}: {int(mask.sum())} voxels",
         )
-    print(f"wrote {args.out}: {int(mask.sum())} foreground voxels, {detail}")
+    grid = "x".join(f"{v:g}" for v in spacing)
+    print(f"wrote {args.out}: {int(mask.sum())} foreground voxels, {detail}, {grid} mm grid")
     return 0
 
 

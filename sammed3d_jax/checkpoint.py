@@ -9,6 +9,10 @@ A converted checkpoint is a directory:
 
 It is written to a temporary sibling directory and renamed into place, so a failed
 conversion never leaves a partial directory behind.
+
+A `train.py` workdir loads too (its latest checkpoint); its ``config.json`` also records the
+grid spacing the model was trained on (:func:`recorded_spacing`), which inference and
+evaluation use unless told otherwise.
 """
 
 from __future__ import annotations
@@ -161,6 +165,36 @@ def load_config(path: str | os.PathLike) -> Sam3DConfig:
         raise CheckpointError(f"{f}: invalid model config: {e}") from e
 
 
+def _is_training_run(path: Path) -> bool:
+    return path.is_dir() and (path / "checkpoints").is_dir() and not (path / PARAMS_DIR).exists()
+
+
+def recorded_spacing(path: str | os.PathLike) -> tuple[float, float, float] | None:
+    """The model-grid spacing (mm) a checkpoint was trained on, where the checkpoint says.
+
+    A `train.py` workdir records its data spacing (``data.spacing`` in its ``config.json``);
+    converted checkpoints and `.pth` files do not (the released models use 1.5 mm): None.
+
+    Raises:
+      CheckpointError: a workdir whose ``config.json`` is unreadable or holds an invalid
+        spacing.
+    """
+    path = Path(path)
+    if not _is_training_run(path):
+        return None
+    f = path / "config.json"
+    try:
+        value = json.loads(f.read_text())["data"]["spacing"]
+        spacing = tuple(float(v) for v in np.broadcast_to(np.asarray(value, float), (3,)))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: training run without config.json") from e
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{f}: no valid data.spacing: {e}") from e
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise CheckpointError(f"{f}: data.spacing must be positive, got {value}")
+    return spacing  # type: ignore[return-value]
+
+
 def _training_run_model(path: Path, **config_overrides: Any) -> Sam3D:
     """Parameters of the latest checkpoint of a `train.py` workdir."""
     run_cfg = json.loads((path / "config.json").read_text())
@@ -222,7 +256,7 @@ def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
         state_dict, _ = read_torch_checkpoint(path)
         model, _ = model_from_state_dict(state_dict, **config_overrides)
         return model
-    if (path / "checkpoints").is_dir() and not (path / PARAMS_DIR).exists():
+    if _is_training_run(path):
         return _training_run_model(path, **config_overrides)
     cfg = load_config(path)
     if config_overrides:

@@ -62,6 +62,7 @@ __all__ = [
     "cli_errors",
     "evaluate_dataset",
     "main",
+    "resolve_spacing",
     "run_from_args",
 ]
 
@@ -499,7 +500,7 @@ def evaluate_dataset(
     limit: int | None = None,
     save_predictions: bool = False,
     layout: str = "auto",
-    spacing: float = 1.5,
+    spacing: float | Sequence[float] | None = None,
     retry_failed: bool = False,
     progress: bool = True,
     model: Any = None,
@@ -516,7 +517,8 @@ def evaluate_dataset(
       limit: only the first ``limit`` cases (sorted order).
       save_predictions: write ``OUT/predictions/<case>.nii.gz``.
       layout: ``"auto"``, ``"nnunet"`` or ``"sammed3d"``.
-      spacing: isotropic model-grid spacing in mm.
+      spacing: model-grid spacing in mm (one value or three); None: the spacing a
+        `train.py` run recorded, else 1.5 mm (:func:`resolve_spacing`).
       retry_failed: recompute cases recorded as failed.
       progress: show a progress bar on stderr.
       model: an already loaded ``Sam3D`` to use instead of loading ``checkpoint``.
@@ -535,8 +537,6 @@ def evaluate_dataset(
         raise RunnerError(f"--clicks must be >= 1, got {n_clicks}")
     if limit is not None and limit < 1:
         raise RunnerError(f"--limit must be >= 1, got {limit}")
-    if not spacing > 0:
-        raise RunnerError(f"--spacing must be > 0, got {spacing}")
     if classes is not None:
         bad = [c for c in classes if not 1 <= int(c) <= 255]
         if bad:
@@ -544,6 +544,7 @@ def evaluate_dataset(
     ckpt = Path(checkpoint)
     if model is None and not ckpt.exists():
         raise RunnerError(f"--checkpoint {ckpt}: no such file or directory")
+    grid = resolve_spacing(spacing, ckpt)
     try:
         discovery = scan_dataset(data, layout)  # type: ignore[arg-type]
     except LayoutError as exc:
@@ -559,7 +560,7 @@ def evaluate_dataset(
         "protocol": protocol,
         "num_clicks": n_clicks,
         "classes": None if classes is None else sorted({int(c) for c in classes}),
-        "spacing_mm": float(spacing),
+        "spacing_mm": grid[0] if len(set(grid)) == 1 else list(grid),
         "checkpoint": str(ckpt.resolve()),
         "data": str(Path(data).resolve()),
         "layout": discovery.layout,
@@ -621,7 +622,7 @@ def evaluate_dataset(
                     protocol=protocol,
                     num_clicks=n_clicks,
                     classes=classes,
-                    spacing=(float(spacing),) * 3,
+                    spacing=grid,
                     fingerprint=fingerprint,
                     predictions_dir=predictions_dir,
                 )
@@ -655,6 +656,34 @@ def _settings_diff(previous: dict[str, Any] | None, settings: dict[str, Any]) ->
     old = previous["settings"]
     parts = [f"{k} {old.get(k)!r} != {v!r}" for k, v in settings.items() if old.get(k) != v]
     return "; ".join(parts) or "different settings"
+
+
+def resolve_spacing(
+    spacing: float | Sequence[float] | None, checkpoint: str | os.PathLike | None
+) -> tuple[float, float, float]:
+    """The model-grid spacing to use: ``spacing`` if given, else the checkpoint's own.
+
+    A `train.py` workdir records the spacing its model was trained on; for converted
+    checkpoints and `.pth` files (and ``checkpoint=None``) the default is the released
+    models' 1.5 mm.
+
+    Raises:
+      RunnerError: a spacing that is not one or three positive numbers, or a workdir whose
+        recorded spacing is unreadable.
+    """
+    from sammed3d_jax.checkpoint import CheckpointError, recorded_spacing
+    from sammed3d_jax.inference.predictor import DEFAULT_SPACING
+
+    if spacing is None:
+        try:
+            recorded = None if checkpoint is None else recorded_spacing(checkpoint)
+        except CheckpointError as exc:
+            raise RunnerError(f"--checkpoint {checkpoint}: {_one_line(exc)}") from exc
+        return recorded if recorded is not None else DEFAULT_SPACING
+    values = np.asarray(spacing, dtype=float).reshape(-1)
+    if values.size not in (1, 3) or not np.all(np.isfinite(values) & (values > 0)):
+        raise RunnerError(f"--spacing must be > 0 (one value or three), got {spacing}")
+    return tuple(float(v) for v in np.broadcast_to(values, (3,)))  # type: ignore[return-value]
 
 
 def _engine(model: Any, ckpt: Path) -> Any:
@@ -697,7 +726,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--classes", type=int, nargs="+", default=None, help="only these label values"
     )
     parser.add_argument("--layout", choices=("auto", "nnunet", "sammed3d"), default="auto")
-    parser.add_argument("--spacing", type=float, default=1.5, help="model-grid spacing in mm")
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        default=None,
+        help="isotropic model-grid spacing in mm (default: the spacing a train.py run was "
+        "trained on, else 1.5 as the released models)",
+    )
     parser.add_argument(
         "--retry-failed", action="store_true", help="recompute cases recorded as failed"
     )

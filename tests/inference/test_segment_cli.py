@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -204,3 +205,33 @@ def test_segment_subprocess_error_exit_code(tmp_path):
     )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "required" in proc.stderr
+
+
+def _fake_run(root, spacing):
+    """A train.py workdir as far as the spacing lookup reads it."""
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({"data": {"spacing": spacing}}))
+    return root
+
+
+def test_spacing_default_comes_from_the_training_run(paths, tmp_path):
+    from sammed3d_jax.checkpoint import recorded_spacing
+    from sammed3d_jax.eval.runner import RunnerError, resolve_spacing
+
+    run = _fake_run(tmp_path / "run", [3.0, 3.0, 2.5])
+    assert recorded_spacing(run) == (3.0, 3.0, 2.5)
+    assert resolve_spacing(None, run) == (3.0, 3.0, 2.5)
+    assert resolve_spacing(2.0, run) == (2.0, 2.0, 2.0)  # an explicit value wins
+    assert resolve_spacing([1, 2, 3], None) == (1.0, 2.0, 3.0)
+    # Converted checkpoints and .pth files carry no spacing: the released models' 1.5 mm.
+    assert recorded_spacing(paths["ckpt"]) is None
+    assert resolve_spacing(None, paths["ckpt"]) == (1.5, 1.5, 1.5)
+    for bad in (0.0, -1.0, float("nan"), [1.0, 2.0]):
+        with pytest.raises(RunnerError, match="--spacing must be > 0"):
+            resolve_spacing(bad, None)
+    broken = _fake_run(tmp_path / "broken", [3.0, -1.0, 3.0])
+    with pytest.raises(RunnerError, match=r"data\.spacing must be positive"):
+        resolve_spacing(None, broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(RunnerError, match=r"no valid data\.spacing"):
+        resolve_spacing(None, broken)

@@ -81,7 +81,7 @@ def wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"step {step} not reached")
 
 
-def test_resume_after_kill_is_exact(tmp_path):
+def test_resume_after_kill_is_exact(tmp_path, capsys):
     straight = tmp_path / "straight"
     proc = run(straight, 6)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -112,6 +112,23 @@ def test_resume_after_kill_is_exact(tmp_path):
     assert pa.keys() == pb.keys()
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+    # A workdir is a checkpoint too: its latest parameters load, and inference uses the grid
+    # spacing the run trained on (the default config's 3 mm) unless told otherwise.
+    from flax import nnx
+
+    from sammed3d_jax.__main__ import main
+    from sammed3d_jax.checkpoint import load_model
+
+    loaded = nnx.to_flat_state(nnx.state(load_model(straight), nnx.Param))
+    flat = {"/" + "/".join(str(k) for k in path): v.get_value() for path, v in loaded}
+    assert {k.removesuffix("/value") for k in pa} == flat.keys()
+    for k, v in pa.items():
+        np.testing.assert_array_equal(v, flat[k.removesuffix("/value")], err_msg=k)
+    image = REPO / "demo_data" / "val" / "imagesTr" / "totalseg_ct_pelvis_0000.nii.gz"
+    argv = ["segment", "--image", str(image), "--checkpoint", str(straight), "--point", "60,50,40"]
+    assert main([*argv, "--out", str(tmp_path / "mask.nii.gz")]) == 0
+    assert "3x3x3 mm grid" in capsys.readouterr().out
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
