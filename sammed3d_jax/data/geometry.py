@@ -11,7 +11,12 @@ Resampling reproduces ITK 5.4's ``ResampleImageFilter`` (as driven by torchio's
 input indices in float64, the linear interpolator's nested lerps with edge clamping, the
 nearest-neighbour rounding and the cast of the interpolated value to the output pixel type.
 Exact half-voxel ties are frequent on these grids, so the order of every floating-point
-operation below matters; the comments name the operation each step mirrors.
+operation below matters; the comments name the operation each step mirrors. That holds for
+grids whose axes follow the patient axes (any permutation and flips, any spacing). For an
+oblique grid the grid itself (size, origin, directions) still matches, but the continuous
+indices come from ``np.linalg.inv`` where ITK inverts its matrix its own way, so voxels on
+exact half-voxel ties can round the other way (whole planes of a label, interpolated values
+differing by ~1 % there).
 """
 
 from __future__ import annotations

@@ -112,7 +112,28 @@ def load_volume(path: str | os.PathLike, *, kind: Literal["image", "label"] = "i
     affine = np.asarray(img.affine, dtype=np.float64)
     _check_affine(affine, p)
     header = img.header.copy()
+    affine = _with_header_spacing(affine, header)
     return Volume(array=array, affine=affine, path=p, header=header)
+
+
+def _with_header_spacing(affine: np.ndarray, header: nib.Nifti1Header) -> np.ndarray:
+    """The affine with column lengths equal to the header's voxel sizes, as ITK reads them.
+
+    SimpleITK (the original's reader, through torchio) takes the spacing from ``pixdim`` and
+    only the directions from the stored matrix. The matrix is float32, so for an oblique
+    grid its column lengths miss ``pixdim`` by ~1e-8 relative, enough to flip
+    ``floor(n · spacing / 1.5)`` when the extent is a multiple of the target spacing. Where
+    both agree to float32 rounding the columns are rescaled to the header's sizes; files whose
+    matrix and ``pixdim`` disagree keep the matrix as it is.
+    """
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+    rzs = affine[:3, :3]
+    lengths = np.sqrt(np.sum(rzs * rzs, axis=0))
+    if zooms.shape != (3,) or not np.all(np.abs(lengths - zooms) <= 1e-6 * zooms):
+        return affine
+    out = affine.copy()
+    out[:3, :3] = rzs / lengths * zooms
+    return out
 
 
 def _check_affine(affine: np.ndarray, path: Path | None) -> None:

@@ -163,3 +163,52 @@ def test_save_mask_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(VolumeError, match=r"\.nii"):
         save_mask(tmp_path / "m.png", np.zeros((4, 5, 6), np.uint8), like)
     assert list(tmp_path.iterdir()) == []
+
+
+def _rotation(angles_deg: np.ndarray) -> np.ndarray:
+    out = np.eye(3)
+    for axis, a in enumerate(np.deg2rad(angles_deg)):
+        c, s = np.cos(a), np.sin(a)
+        i, j = [k for k in range(3) if k != axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        out = out @ r
+    return out
+
+
+# torchio 1.1.1 + SimpleITK 2.5.7, `tio.Resample(1.5)(tio.ScalarImage(path)).shape`, for the
+# twelve oblique files below: the original's grid sizes (they flip below the exact extent
+# where its spacing rounds 1 ulp low, e.g. 63 for 64 · 1.5 mm).
+TORCHIO_OBLIQUE_SIZES = [
+    (64, 60, 40), (32, 29, 80), (42, 40, 40), (128, 120, 80), (63, 60, 39), (32, 30, 80),
+    (42, 39, 40), (128, 120, 80), (64, 60, 40), (32, 30, 79), (42, 39, 39), (128, 120, 79),
+]  # fmt: skip
+
+
+def test_oblique_grid_sizes_match_torchio(tmp_path: Path) -> None:
+    """A float32 oblique sform's column lengths miss pixdim by ~1e-8. SimpleITK reads the
+    spacing from pixdim, so the resampled sizes floor(n · s / 1.5) must be computed from it,
+    not from the stored matrix (which gave other sizes for 11 of these 12 files)."""
+    from sammed3d_jax.data.geometry import resampled_grid
+
+    rng = np.random.default_rng(0)
+    shape = (64, 60, 40)
+    spacings = [(1.5, 1.5, 1.5), (0.75, 0.75, 3.0), (1.0, 1.0, 1.5), (3.0, 3.0, 3.0)]
+    for t, expected in enumerate(TORCHIO_OBLIQUE_SIZES):
+        spacing = np.array(spacings[t % 4])
+        affine = np.eye(4)
+        affine[:3, :3] = _rotation(rng.uniform(-20, 20, 3)) * spacing
+        affine[:3, 3] = rng.uniform(-100, 100, 3)
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), affine), tmp_path / "obl.nii.gz")
+        vol = load_volume(tmp_path / "obl.nii.gz")
+        stored = nib.load(tmp_path / "obl.nii.gz").affine
+        np.testing.assert_allclose(vol.affine, stored, rtol=0, atol=1e-5)  # same geometry
+        assert resampled_grid(shape, vol.affine)[0] == expected, (t, spacing)
+
+
+def test_axis_aligned_affine_is_kept_exactly(tmp_path: Path) -> None:
+    affine = np.diag([-0.8, 0.8, 2.5, 1.0])[:, [1, 0, 2, 3]]
+    affine[:3, 3] = [10.5, -3.25, 7.0]
+    nib.save(nib.Nifti1Image(np.zeros((5, 6, 7), np.uint8), affine), tmp_path / "a.nii.gz")
+    vol = load_volume(tmp_path / "a.nii.gz")
+    np.testing.assert_array_equal(vol.affine, nib.load(tmp_path / "a.nii.gz").affine)
