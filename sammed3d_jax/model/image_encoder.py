@@ -66,8 +66,8 @@ TOKEN_AXES = ("batch", None, None, None, "act_embed")  # logical axes of (B, D, 
 class PatchEmbed3D(nnx.Module):
     """Non-overlapping patch embedding: Conv3d with kernel = stride = patch size.
 
-    Computed as a reshape into patches and one matmul (identical arithmetic to the VALID
-    strided convolution, and fast on every backend).
+    Computed as a reshape into patches and one matmul (:func:`patch_conv`: the arithmetic of
+    the VALID strided convolution, fast on every backend).
     """
 
     def __init__(self, cfg: Sam3DConfig, *, rngs: nnx.Rngs):
@@ -83,14 +83,7 @@ class PatchEmbed3D(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """x: (B, D, H, W, C_in) -> (B, D/p, H/p, W/p, C)."""
-        p = self.patch_size
-        b, d, h, w, c = x.shape
-        x = x.reshape(b, d // p, p, h // p, p, w // p, p, c)
-        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, d // p, h // p, w // p, p * p * p * c)
-        kernel = self.proj.kernel[...].reshape(p * p * p * c, -1)
-        dtype = self.proj.dtype
-        y = jnp.einsum("bdhwk,kc->bdhwc", x.astype(dtype), kernel.astype(dtype))
-        return y + self.proj.bias[...].astype(dtype)
+        return self.proj(x)
 
 
 def take_rows(values: Array, idx: np.ndarray) -> Array:
