@@ -65,9 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
         dict(
             root="",
             records="",
+            tfds_dir="",  # a prepared TFDS dataset version folder (prepare_tfds)
             layout="auto",
             splits=("Tr",),
-            crop_size=128,
+            crop_size=0,  # 0: the model's input size (the only size it takes)
             spacing=(1.5, 1.5, 1.5),
             resample=True,
             canonical=True,
@@ -115,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
             warmup_steps=0,
             total_steps=200_000,
             min_lr_ratio=0.0,
-            grad_clip_norm=0.0,
+            grad_clip_norm=0.0,  # 0: no clipping (the original)
             accumulation_steps=1,
             original_decay_mask=True,
         )

@@ -5,10 +5,15 @@
         --workdir runs/finetune
     python train.py --config configs/finetune.py:tiny,data=demo_data/train   # CPU smoke run
 
-Matches the original's fine-tuning script (lr 8e-5, AdamW, weight decay 0.1, the prompt encoder
-and decoder at 0.1x the encoder's rate, 11 simulated clicks per volume, 128³ crops at 1.5 mm,
-RAS+ orientation, random flips) with bfloat16 compute, float32 parameters and batch-pooled
-z-normalisation as the original's loop. `tiny` shrinks everything for a CPU run from scratch.
+The original's fine-tuning settings (lr 8e-5, AdamW, weight decay 0.1, the prompt encoder and
+decoder at 0.1x the encoder's rate, 11 simulated clicks per volume, 128³ crops at 1.5 mm, RAS+
+orientation, random flips, batch-pooled z-normalisation) with bfloat16 compute and float32
+parameters. Two deliberate differences: a linear warm-up (200 updates, at most a tenth of the
+run) then cosine decay instead of the original's x0.1 steps at epochs 120 and 180, and gradient
+clipping at norm 1.0 (the original clips nothing); the original also accumulates 20 batches
+per update. For the original's schedule: `--config.optim.schedule=multistep
+--config.optim.milestones=...` (in updates), `--config.optim.grad_clip_norm=0`,
+`--config.optim.accumulation_steps=20`. `tiny` shrinks everything for a CPU run from scratch.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ def get_config(arg: str | None = None):
     c.data.batch_size = args.batch
     c.optim.lr = 8e-5
     c.optim.schedule = "warmup_cosine"
-    c.optim.warmup_steps = 200
+    c.optim.warmup_steps = min(200, args.steps // 10)
     c.optim.total_steps = args.steps
     c.optim.grad_clip_norm = 1.0
     c.total_steps = args.steps
@@ -46,6 +51,7 @@ def get_config(arg: str | None = None):
         c.optim.lr = 1e-3
         c.optim.prompt_decoder_lr_mult = 1.0
         c.total_steps = c.optim.total_steps = 50
+        c.optim.warmup_steps = 5
         c.eval_every = 25
         c.checkpoint_every = 25
         c.log_every = 5

@@ -10,7 +10,10 @@ decay 0.1 on every trained parameter, MultiStepLR x0.1 at 60 % and 90 % of train
 with one no-point pass at a random step and at the end, DiceCE summed over passes, batch 12
 with 20-step gradient accumulation, batch-pooled z-normalisation, CT clamp for `ct*` datasets.
 Here the global batch is spread over the mesh (data x fsdp), parameters and optimizer state
-are sharded over `fsdp`, and compute is bfloat16.
+are sharded over `fsdp`, and compute is bfloat16. The default takes one optimizer step per
+global batch of 96; `batch=12,accumulation=20` is the original's exact schedule. `steps`
+counts batches (train-step calls); the milestones are placed at 60 % and 90 % of the
+optimizer updates, `steps // accumulation`.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ def get_config(arg: str | None = None):
     c.data.num_workers = 8
     c.model.remat = True
     c.optim.accumulation_steps = args.accumulation
-    c.optim.total_steps = args.steps
-    c.optim.milestones = (int(args.steps * 0.6), int(args.steps * 0.9))
+    updates = args.steps // max(args.accumulation, 1)  # the schedule counts optimizer updates
+    c.optim.total_steps = updates
+    c.optim.milestones = (int(updates * 0.6), int(updates * 0.9))
     c.total_steps = args.steps
     c.mesh.data = -1
     c.mesh.fsdp = 1

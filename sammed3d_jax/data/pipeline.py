@@ -194,6 +194,10 @@ class DataConfig:
             raise ValueError(f"clamp_ct must be 'auto', 'always' or 'never', got {self.clamp_ct!r}")
         if self.crop_size < 1 or self.batch_size < 1:
             raise ValueError("crop_size and batch_size must be positive")
+        if len(self.spacing) != 3 or not all(
+            np.isfinite(float(v)) and float(v) > 0 for v in self.spacing
+        ):
+            raise ValueError(f"data.spacing must be three positive numbers, got {self.spacing}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> DataConfig:

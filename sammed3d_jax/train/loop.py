@@ -87,10 +87,16 @@ def model_config(config: ml_collections.ConfigDict) -> Sam3DConfig:
 
 
 def data_config(d: Any, crop_size: int, batch_size: int | None = None) -> DataConfig:
+    """``DataConfig`` of a config's data section; crops are the model's input size."""
     d = dict(d.to_dict() if isinstance(d, ml_collections.ConfigDict) else d)
-    for key in ("root", "records"):
+    for key in ("root", "records", "tfds_dir"):
         if key in d and not d[key]:
             d[key] = None
+    if d.get("crop_size") and int(d["crop_size"]) != crop_size:
+        raise ValueError(
+            f"data.crop_size={d['crop_size']} differs from the model's input size {crop_size} "
+            "(set it to 0 or to the input size)"
+        )
     d["crop_size"] = crop_size
     if batch_size:
         d["batch_size"] = batch_size
@@ -171,6 +177,7 @@ class Evaluator:
         data.update(
             root=v.root,
             records=v.records,
+            tfds_dir="",  # held-out data come from val.root / val.records only
             splits=tuple(v.splits),
             flip_prob=0.0,
             eval_batch_size=batch,
@@ -266,14 +273,83 @@ def maybe_initialize_distributed(dist: Any) -> None:
         jax.distributed.initialize()
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Reject values the loop cannot run with, naming the option (ValueError)."""
+    for name in ("total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        value = config[name]
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    clicks = tuple(config.val.clicks)
+    if not clicks or any(not isinstance(c, int) or c < 1 for c in clicks):
+        raise ValueError(f"val.clicks must be click counts >= 1, got {clicks!r}")
+
+
+# What a checkpoint's arrays depend on: changing any of these cannot resume a run.
+_STRUCTURE = (
+    ("optim", "accumulation_steps"),
+    ("optim", "grad_clip_norm"),
+    ("freeze_image_encoder",),
+)
+
+
+def _structure(config: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path in _STRUCTURE:
+        value: Any = config
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if path[-1] == "grad_clip_norm":  # only on/off changes the optimizer state
+            value = bool(value)
+        out[".".join(path)] = value
+    return out
+
+
+def check_resumable(workdir: Path, config: ml_collections.ConfigDict, cfg: Sam3DConfig) -> None:
+    """Raise ValueError if ``workdir`` holds checkpoints that ``config`` cannot resume."""
+    saved = workdir / "config.json"
+    steps = workdir / "checkpoints"
+    if not saved.exists() or not steps.is_dir():
+        return
+    if not any(p.name.isdigit() for p in steps.iterdir()):
+        return
+    try:
+        previous = json.loads(saved.read_text())
+        previous_cfg = model_config(ml_collections.ConfigDict(previous))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{saved}: cannot read the saved run config: {e}") from e
+    numerics = {f: getattr(cfg, f) for f in NUMERIC_FIELDS}
+    diffs = [
+        f"model.{f.name}: {getattr(previous_cfg, f.name)!r} -> {getattr(cfg, f.name)!r}"
+        for f in dataclasses.fields(cfg)
+        if getattr(previous_cfg.replace(**numerics), f.name) != getattr(cfg, f.name)
+    ]
+    old, new = _structure(previous), _structure(config.to_dict())
+    diffs += [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if old[k] != new[k]]
+    if diffs:
+        raise ValueError(
+            f"--workdir {workdir} holds checkpoints of a run these settings cannot resume ("
+            + "; ".join(diffs)
+            + "); use a new --workdir, or init_from= the old run to start from its weights"
+        )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Train (or resume) according to `config` in `workdir`; returns the last metrics."""
     workdir = Path(workdir).absolute()
+    check_config(config)
+    cfg = model_config(config)
+    check_resumable(workdir, config, cfg)
     maybe_initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+        _write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
     log.info(
         "jax %s, process %d/%d, %d devices (%d local): %s",
         jax.__version__,
@@ -287,7 +363,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     rules = sh.rules_dict(config.sharding_rules)
     mesh = sh.make_mesh(dict(config.mesh))
     log.info("mesh %s", dict(mesh.shape))
-    cfg = model_config(config)
     train_cfg = _dataclass_from(TrainConfig, config.train)
     optim_cfg = _dataclass_from(
         OptimConfig, config.optim, freeze_image_encoder=bool(config.freeze_image_encoder)

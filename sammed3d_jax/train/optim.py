@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -78,8 +79,8 @@ class OptimConfig:
       milestones: multistep boundaries in optimizer steps (see the module docstring).
       gamma: multistep factor.
       warmup_steps, total_steps, min_lr_ratio: warm-up + cosine schedule.
-      grad_clip_norm: clip the global gradient norm to this value (None: no clipping, as the
-        original).
+      grad_clip_norm: clip the global gradient norm to this value (None or 0: no clipping,
+        as the original).
       accumulation_steps: micro-batches per optimizer update (``optax.MultiSteps``).
       freeze_image_encoder: keep the image encoder fixed.
       original_decay_mask: no weight decay on ``iou_prediction_head`` and ``no_mask_embed``.
@@ -109,7 +110,17 @@ class OptimConfig:
         if self.accumulation_steps < 1:
             raise ValueError("accumulation_steps must be >= 1")
         if self.schedule == "warmup_cosine" and self.total_steps <= self.warmup_steps:
-            raise ValueError("warmup_cosine needs total_steps > warmup_steps")
+            raise ValueError(
+                f"optim.total_steps ({self.total_steps}) must exceed optim.warmup_steps "
+                f"({self.warmup_steps}) for the warmup_cosine schedule"
+            )
+        if self.grad_clip_norm is not None:
+            clip = float(self.grad_clip_norm)
+            if not np.isfinite(clip) or clip < 0:
+                raise ValueError(f"optim.grad_clip_norm must be >= 0 (0: off), got {clip}")
+            # Config files spell "no clipping" as 0 (their fields are typed): clipping to a
+            # norm of 0 would zero every update.
+            object.__setattr__(self, "grad_clip_norm", clip if clip > 0 else None)
 
     def replace(self, **changes: Any) -> OptimConfig:
         return dataclasses.replace(self, **changes)

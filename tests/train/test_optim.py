@@ -222,3 +222,17 @@ def test_config_validation():
         OptimConfig(accumulation_steps=0)
     with pytest.raises(ValueError):
         OptimConfig(schedule="warmup_cosine", warmup_steps=10, total_steps=10)
+    with pytest.raises(ValueError, match="grad_clip_norm"):
+        OptimConfig(grad_clip_norm=-1.0)
+
+
+def test_zero_clip_norm_means_no_clipping(params):
+    """Config files spell "off" as 0: it must not clip every update to zero."""
+    base = OptimConfig(lr=1e-2, schedule="constant", weight_decay=0.0)
+    assert base.replace(grad_clip_norm=0.0).grad_clip_norm is None
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
+    (u_zero,), _ = run(make_optimizer(params, base.replace(grad_clip_norm=0.0)), params, grads, 1)
+    (u_none,), _ = run(make_optimizer(params, base), params, grads, 1)
+    for k in u_none:
+        assert np.abs(u_none[k]).max() > 0, k
+        np.testing.assert_array_equal(u_zero[k], u_none[k], err_msg=k)

@@ -1,0 +1,101 @@
+"""The shipped configs build valid settings, and run settings are checked before training."""
+
+from __future__ import annotations
+
+import json
+
+import ml_collections
+import pytest
+
+from configs import cpu_demo, finetune, pretrain
+from sammed3d_jax.data.pipeline import DataConfig
+from sammed3d_jax.train import loop
+from sammed3d_jax.train.optim import OptimConfig
+
+
+def _optim(config: ml_collections.ConfigDict) -> OptimConfig:
+    return loop._dataclass_from(OptimConfig, config.optim)
+
+
+@pytest.mark.parametrize(
+    ("module", "arg"),
+    [
+        (cpu_demo, None),
+        (cpu_demo, "steps=2"),
+        (finetune, None),
+        (finetune, "tiny"),
+        (finetune, "steps=100"),
+        (pretrain, None),
+        (pretrain, "steps=1000,accumulation=4"),
+    ],
+)
+def test_shipped_configs_are_valid(module, arg):
+    config = module.get_config(arg)
+    loop.check_config(config)
+    cfg = loop.model_config(config)
+    loop.data_config(config.data, cfg.img_size)
+    _optim(config)
+
+
+def test_pretrain_schedule_counts_optimizer_updates():
+    optim = _optim(pretrain.get_config("steps=1000,accumulation=4"))
+    assert optim.total_steps == 250 and optim.milestones == (150, 225)
+    assert optim.grad_clip_norm is None  # the original clips nothing
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"log_every": 0}, "log_every"),
+        ({"eval_every": 0}, "eval_every"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints"),
+        ({"checkpoint_every": -1}, "checkpoint_every"),
+    ],
+)
+def test_bad_loop_values_are_named(override, message):
+    config = cpu_demo.get_config()
+    config.update(override)
+    with pytest.raises(ValueError, match=message):
+        loop.check_config(config)
+
+
+def test_bad_data_values_are_named():
+    config = cpu_demo.get_config()
+    config.val.clicks = (0,)
+    with pytest.raises(ValueError, match=r"val\.clicks"):
+        loop.check_config(config)
+    with pytest.raises(ValueError, match=r"data\.spacing"):
+        DataConfig(spacing=(0.0, 3.0, 3.0))
+    config = cpu_demo.get_config()
+    config.data.crop_size = 96
+    with pytest.raises(ValueError, match="crop_size=96"):
+        loop.data_config(config.data, 64)
+
+
+def test_resume_with_another_architecture_is_refused(tmp_path):
+    """A workdir's checkpoints only resume under the same model and optimizer structure."""
+    config = cpu_demo.get_config()
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    cfg = loop.model_config(config)
+    loop.check_resumable(tmp_path, config, cfg)  # same settings: fine
+    numerics = cpu_demo.get_config()
+    numerics.model.dtype = "bfloat16"  # numerics only: still resumable
+    numerics.optim.lr = 1.0
+    loop.check_resumable(tmp_path, numerics, loop.model_config(numerics))
+
+    other = cpu_demo.get_config()
+    other.model.variant = "small"
+    with pytest.raises(ValueError, match=r"model\.encoder_embed_dim") as info:
+        loop.check_resumable(tmp_path, other, loop.model_config(other))
+    assert "new --workdir" in str(info.value)
+    other = cpu_demo.get_config()
+    other.optim.accumulation_steps = 2
+    other.freeze_image_encoder = True
+    with pytest.raises(ValueError, match=r"accumulation_steps: 1 -> 2.*freeze_image_encoder"):
+        loop.check_resumable(tmp_path, other, loop.model_config(other))
+    other = cpu_demo.get_config()
+    other.optim.grad_clip_norm = 0.0
+    with pytest.raises(ValueError, match="grad_clip_norm: True -> False"):
+        loop.check_resumable(tmp_path, other, loop.model_config(other))
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["variant"] == "tiny"
