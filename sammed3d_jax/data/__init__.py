@@ -6,6 +6,7 @@ canonical order ``(A0, A1, A2)`` afterwards (all 128³ ROI arrays).
 
 from sammed3d_jax.data.geometry import (
     AxisMap,
+    EmptyNormalizationRegion,
     Preprocessed,
     canonical_to_source_index,
     crop_or_pad,
@@ -34,6 +35,7 @@ __all__ = [
     "AxisMap",
     "Case",
     "Discovery",
+    "EmptyNormalizationRegion",
     "LayoutError",
     "Preprocessed",
     "Volume",

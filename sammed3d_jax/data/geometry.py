@@ -33,6 +33,7 @@ from sammed3d_jax.data.nifti import Volume, check_same_grid
 
 __all__ = [
     "AxisMap",
+    "EmptyNormalizationRegion",
     "Preprocessed",
     "canonical_to_source_index",
     "crop_or_pad",
@@ -145,6 +146,12 @@ def resampled_grid(
     center_lps = (last_lps + src.origin) / 2
     new_size = np.floor(old_size * old_spacing / new_spacing)
     new_size[old_size == 1] = 1
+    if (new_size < 1).any():
+        axis = int(np.argmax(new_size < 1))
+        raise ValueError(
+            f"the volume spans {old_size[axis] * old_spacing[axis]:g} mm along voxel axis "
+            f"{axis}, less than one {new_spacing[axis]:g} mm voxel of the model grid"
+        )
     half_extent = (new_size - 1) / 2 * new_spacing
     new_origin_lps = center_lps - direction_lps @ half_extent
     new_affine = _ras_affine_from_itk(direction_lps, new_spacing, new_origin_lps)
@@ -788,6 +795,10 @@ def torch_float32_sum(
     return np.float32(np.float32(0.0) + _torch_chunk_sum(partials, lanes))
 
 
+class EmptyNormalizationRegion(ValueError):
+    """Fewer than two ROI voxels are > 0: z-normalisation statistics are undefined."""
+
+
 def znormalize(roi: np.ndarray) -> tuple[np.ndarray, float, float]:
     """``tio.ZNormalization(masking_method=lambda x: x > 0)`` on one ROI.
 
@@ -803,14 +814,17 @@ def znormalize(roi: np.ndarray) -> tuple[np.ndarray, float, float]:
       ``(normalised float32 array, mean, std)``; ``mean`` and ``std`` are float32 values.
 
     Raises:
-      ValueError: fewer than two voxels are > 0, or their std is 0.
+      EmptyNormalizationRegion: fewer than two voxels are > 0.
+      ValueError: their std is 0.
     """
     roi = np.asarray(roi)
     data = roi.astype(np.float32)
     values = data[roi > 0]
     n = values.size
     if n < 2:
-        raise ValueError(f"z-normalisation needs at least 2 voxels > 0 in the ROI, found {n}")
+        raise EmptyNormalizationRegion(
+            f"z-normalisation needs at least 2 voxels > 0 in the ROI, found {n}"
+        )
     mean32 = np.float32(torch_float32_sum(values) / np.float32(n))
     dx = values.astype(np.float64) - float(mean32)
     std32 = np.float32(np.sqrt(np.dot(dx, dx) / (n - 1)))
@@ -894,6 +908,7 @@ def _build(
     class_id: int | None,
     crop_size: int,
     center: Sequence[float] | None,
+    nan_if_undefined: bool = False,
 ) -> Preprocessed:
     binary = None if can_label is None else (can_label == class_id).astype(np.uint8)
     bbox = None if binary is None else mask_bbox(binary)
@@ -905,7 +920,14 @@ def _build(
         start = crop_start_centered(can.array.shape, crop_size)
     roi_raw = crop_or_pad(can.array, start, crop_size)
     roi_label = None if binary is None else crop_or_pad(binary, start, crop_size)
-    roi_image, mean, std = znormalize(roi_raw)
+    try:
+        roi_image, mean, std = znormalize(roi_raw)
+    except EmptyNormalizationRegion:
+        if not nan_if_undefined:
+            raise
+        # torchio's statistics of an empty selection are NaN, and so is the whole ROI.
+        roi_image = np.full(roi_raw.shape, np.nan, np.float32)
+        mean = std = float("nan")
     return Preprocessed(
         class_id=class_id,
         roi_image=roi_image,
@@ -975,12 +997,16 @@ def preprocess_case(
     class_ids: Sequence[int] | None = None,
     crop_size: int = 128,
     spacing: Sequence[float] = (1.5, 1.5, 1.5),
+    nan_if_undefined: bool = False,
 ) -> dict[int, Preprocessed]:
     """:func:`preprocess_for_class` for several classes, resampling each volume once.
 
     Args:
       image, label: input volumes on the same grid.
       class_ids: classes to prepare; default: the sorted non-zero values of the label.
+      nan_if_undefined: a class ROI with fewer than two voxels > 0 gets an all-NaN
+        ``roi_image`` (what the original computes) instead of raising
+        :class:`EmptyNormalizationRegion`.
 
     Returns:
       ``{class_id: Preprocessed}`` in ascending class order.
@@ -992,7 +1018,7 @@ def preprocess_case(
     ids = sorted({_as_class_id(c) for c in class_ids})
     can = _canonical_image(image, spacing)
     can_label = _canonical_label(label, spacing)
-    return {c: _build(image, can, can_label, c, crop_size, None) for c in ids}
+    return {c: _build(image, can, can_label, c, crop_size, None, nan_if_undefined) for c in ids}
 
 
 def paste_back(

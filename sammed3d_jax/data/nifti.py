@@ -105,7 +105,9 @@ def load_volume(path: str | os.PathLike, *, kind: Literal["image", "label"] = "i
         array = array.reshape(shape[:3])
     if min(array.shape) < 1:
         raise VolumeError(f"{p}: empty volume, shape {array.shape}")
-    if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise VolumeError(f"{p}: complex voxel data ({array.dtype}) is not a {kind}")
+    if np.issubdtype(array.dtype, np.floating):
         bad = ~np.isfinite(array)
         if bad.any():
             raise VolumeError(f"{p}: {int(bad.sum())} non-finite (NaN/inf) voxels in the {kind}")

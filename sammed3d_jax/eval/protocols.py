@@ -263,7 +263,9 @@ def run_sammed3d(
     ids = _check_classes(class_ids)
     t_start = time.perf_counter()
     enc0, dec0 = engine.encode_seconds, engine.decode_seconds
-    pre = preprocess_case(image, label, ids, crop_size=engine.crop_size, spacing=spacing)
+    pre = preprocess_case(
+        image, label, ids, crop_size=engine.crop_size, spacing=spacing, nan_if_undefined=True
+    )
     t_pre = time.perf_counter() - t_start
     shape = image.shape
     rng = np.random.RandomState(seed)
@@ -281,7 +283,13 @@ def run_sammed3d(
             )
             steps[c] = [_SparseMask(None, shape)] * num_clicks
             continue
-        emb = engine.encode(p.roi_image)
+        # An ROI with fewer than two voxels > 0 has no z-normalisation: the original feeds
+        # the model NaN and gets empty predictions, its clicks still drawn from the label.
+        emb = engine.encode(p.roi_image) if np.isfinite(p.roi_image).all() else None
+        if emb is None:
+            res.notes.append(
+                "fewer than 2 ROI voxels > 0, z-normalisation undefined: empty predictions"
+            )
         low = None
         prev = np.zeros(roi_label.shape, bool)
         pts: list[np.ndarray] = []
@@ -291,9 +299,10 @@ def run_sammed3d(
             point, lab = sammed3d_click(prev, roi_label, rng)
             pts.append(point)
             labs.append(lab)
-            out = engine.decode(emb, np.asarray(pts, np.float64), np.asarray(labs), low)
-            low = out.low_res_logits
-            prev = out.probability > 0.5
+            if emb is not None:
+                out = engine.decode(emb, np.asarray(pts, np.float64), np.asarray(labs), low)
+                low = out.low_res_logits
+                prev = out.probability > 0.5
             t0 = time.perf_counter()
             pasted = paste_back(prev, p.roi_affine, shape, p.original_affine)
             steps[c].append(_SparseMask(pasted, shape))

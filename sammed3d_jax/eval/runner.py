@@ -584,8 +584,15 @@ def evaluate_dataset(
     todo: list[tuple[str, Case]] = []
     for key, case in selected:
         record = _load_record(cases_dir / f"{key}.json")
+        lost = (  # a saved prediction deleted since: compute the case again
+            save_predictions
+            and record is not None
+            and "prediction" in record
+            and not (out_dir / record["prediction"]).exists()
+        )
         if (
             record is not None
+            and not lost
             and record.get("fingerprint") == fingerprint
             and (record["status"] == "ok" or not retry_failed)
         ):

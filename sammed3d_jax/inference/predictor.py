@@ -413,8 +413,9 @@ class Predictor:
         name = vol.path or "<image>"
         if array.ndim != 3:
             raise VolumeError(f"{name}: expected a 3D volume, got shape {array.shape}")
-        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-            raise VolumeError(f"{name}: unsupported voxel type {array.dtype}")
+        real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+        if not (real or array.dtype == np.bool_):
+            raise VolumeError(f"{name}: unsupported voxel type {array.dtype} (real values needed)")
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             raise VolumeError(f"{name}: the image has non-finite (NaN/inf) voxels")
         resampled, res_affine = resample_to_spacing(array, vol.affine, self.spacing, "linear")

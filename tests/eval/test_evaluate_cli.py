@@ -200,6 +200,18 @@ def test_resume(fixture_dataset, golden_model, tmp_path, fixtures_dir):
         evaluate_dataset(data, CKPT, out, protocol="cvpr25", num_clicks=3, progress=False)
 
 
+def test_resume_recomputes_a_deleted_prediction(fixture_dataset, golden_model, tmp_path):
+    out = tmp_path / "out"
+    kwargs = dict(num_clicks=1, limit=1, save_predictions=True, progress=False, model=golden_model)
+    first = evaluate_dataset(fixture_dataset, CKPT, out, **kwargs)
+    (saved,) = (out / "predictions").iterdir()
+    again = evaluate_dataset(fixture_dataset, CKPT, out, **kwargs)
+    assert again.computed == [] and again.skipped == first.computed
+    saved.unlink()
+    redone = evaluate_dataset(fixture_dataset, CKPT, out, **kwargs)
+    assert redone.computed == first.computed and saved.exists()
+
+
 def test_bad_cases_are_recorded_and_the_run_goes_on(fixture_dataset, golden_model, tmp_path):
     root = tmp_path / "Dataset009_Bad"
     images, labels = root / "imagesTr", root / "labelsTr"

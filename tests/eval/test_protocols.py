@@ -364,3 +364,38 @@ def test_geometry_round_trip_shared(shared_dir, image, label, classes, capsys):
     img = load_volume(data / image)
     lab = load_volume(data / label, kind="label")
     _round_trip(img, lab, classes, capsys, image)
+
+
+def test_sammed3d_class_without_positive_voxels_gets_empty_predictions(golden_engine):
+    """A class whose ROI has no voxel > 0 (lung in CT) cannot be z-normalised: as in the
+    original (NaN input, empty predictions), that class scores 0 and the others still run,
+    with the seeded clicks drawn exactly as if its predictions were empty."""
+    s = golden_engine.crop_size
+    img = np.full((3 * s, s, s), -1000, np.int16)
+    lab = np.zeros(img.shape, np.uint8)
+    rng = np.random.default_rng(0)
+    img[5 : s - 5, 5 : s - 5, 5 : s - 5] = 40 + rng.integers(0, 20, (s - 10,) * 3)
+    lab[s // 4 : s // 2, s // 4 : s // 2, s // 4 : s // 2] = 1
+    img[2 * s + 5 : 3 * s - 5, 5 : s - 5, 5 : s - 5] = -800
+    lab[2 * s + s // 4 : 2 * s + s // 2, s // 4 : s // 2, s // 4 : s // 2] = 2
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    image, label = Volume(img, affine), Volume(lab, affine)
+    spy = SpyEngine(golden_engine)
+    result = run_sammed3d(spy, image, label, [1, 2], 2)
+    assert len(spy.calls) == 2  # class 1 only
+    assert result.classes[2].dice == [0.0, 0.0]
+    assert any("z-normalisation undefined" in n for n in result.classes[2].notes)
+    assert not (result.final_prediction == 2).any()
+    pre = preprocess_case(image, label, [1, 2], crop_size=s, nan_if_undefined=True)
+    assert np.isnan(pre[2].roi_image).all()
+    rng_ref = np.random.RandomState(233)
+    prev = np.zeros((s,) * 3, bool)
+    for *_, out in spy.calls:  # class 1's draws, then class 2's from empty predictions
+        sammed3d_click(prev, pre[1].roi_label, rng_ref)
+        prev = out.probability > 0.5
+    empty = np.zeros((s,) * 3, bool)
+    for k in range(2):
+        point, _ = sammed3d_click(empty, pre[2].roi_label, rng_ref)
+        assert list(result.classes[2].clicks[k].point_roi) == point.tolist()
+    with pytest.raises(ValueError, match="at least 2 voxels"):
+        preprocess_case(image, label, [2], crop_size=s)

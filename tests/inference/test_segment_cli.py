@@ -134,6 +134,8 @@ def _write(path, array, affine=None):
         ("2d", "1,1,1", [], "expected a 3D volume"),
         ("4d", "1,1,1", [], "expected a 3D volume"),
         ("nan", "1,1,1", [], "non-finite"),
+        ("complex", "1,1,1", [], "complex voxel data"),
+        ("thin", "20,20,1", [], "less than one 1.5 mm voxel"),
         ("good", "10,10,40", [], "outside the image"),
         ("good", "-5,1,1", [], "outside the image"),
         ("good", "0,0,0", ["--mm"], "outside the image"),
@@ -155,6 +157,10 @@ def test_segment_input_errors(case, point, extra, message, paths, tmp_path, caps
         a = rng.random((20, 20, 20)).astype(np.float32)
         a[1, 2, 3] = np.nan
         _write(image, a)
+    elif case == "complex":
+        _write(image, (rng.random((20, 20, 20)) + 1j).astype(np.complex64))
+    elif case == "thin":  # 1 mm thick: no voxel of the 1.5 mm model grid fits
+        _write(image, rng.random((40, 40, 2)).astype(np.float32), np.diag([1.0, 1.0, 0.5, 1.0]))
     elif case == "good":
         affine = np.diag([2.0, 2.0, 2.0, 1.0])
         affine[:3, 3] = 500
