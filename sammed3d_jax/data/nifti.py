@@ -11,6 +11,7 @@ order must never be swapped silently.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -19,7 +20,16 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 
-__all__ = ["Volume", "VolumeError", "check_same_grid", "load_volume", "save_mask"]
+__all__ = [
+    "Volume",
+    "VolumeError",
+    "align_to_label",
+    "check_same_grid",
+    "load_volume",
+    "save_mask",
+]
+
+log = logging.getLogger(__name__)
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 GRID_ATOL_MM = 1e-4
@@ -162,6 +172,29 @@ def check_same_grid(image: Volume, label: Volume, atol: float = GRID_ATOL_MM) ->
             f"{names}: grid mismatch, affines differ by up to {diff.max():.3g} mm "
             f"(tolerance {atol} mm)"
         )
+
+
+def align_to_label(image: Volume, label: Volume, atol: float = GRID_ATOL_MM) -> Volume:
+    """The image on the label's grid for training, as the original's dataset does.
+
+    Same shape: voxel arrays are taken as aligned (the original copies the label's origin and
+    direction onto the image, then drops both affines); if the affines differ by more than
+    ``atol`` mm, the image gets the label's affine and a warning is logged. Different shapes
+    raise :class:`VolumeError`.
+    """
+    names = f"{image.path or '<image>'} vs {label.path or '<label>'}"
+    if tuple(image.array.shape) != tuple(label.array.shape):
+        raise VolumeError(
+            f"{names}: grid mismatch, shapes {tuple(image.array.shape)} != "
+            f"{tuple(label.array.shape)}"
+        )
+    diff = np.abs(np.asarray(image.affine) - np.asarray(label.affine))
+    if np.all(diff <= atol):
+        return image
+    log.warning(
+        "%s: affines differ by up to %.3g mm; the image takes the label's grid", names, diff.max()
+    )
+    return dataclasses.replace(image, affine=np.array(label.affine, dtype=np.float64))
 
 
 def _nifti_suffix(path: Path) -> str:

@@ -67,7 +67,7 @@ from scipy import ndimage
 
 from sammed3d_jax.data.geometry import resample_to_spacing, to_canonical
 from sammed3d_jax.data.layout import Case, LayoutError, scan_dataset
-from sammed3d_jax.data.nifti import VolumeError, check_same_grid, load_volume
+from sammed3d_jax.data.nifti import VolumeError, align_to_label, load_volume
 from sammed3d_jax.data.transforms import (
     CT_RANGE,
     Compose,
@@ -406,7 +406,7 @@ def _analyse_case_unchecked(job: _CaseJob) -> _CaseResult:
             return _CaseResult([], "no label: the case has no label file", dropped)
         label = load_volume(case.label_path, kind="label")
         image = load_volume(case.image_path, kind="image")
-        check_same_grid(image, label)
+        align_to_label(image, label)  # rejects other shapes
         if job.layout == "sammed3d":
             lab = (np.asarray(label.array) != 0).astype(np.uint8)
             match: Match = "nonzero"

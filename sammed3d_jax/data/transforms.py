@@ -45,7 +45,7 @@ from sammed3d_jax.data.geometry import (
     roi_affine,
     to_canonical,
 )
-from sammed3d_jax.data.nifti import Volume, check_same_grid, load_volume
+from sammed3d_jax.data.nifti import Volume, align_to_label, load_volume
 
 __all__ = [
     "CT_RANGE",
@@ -151,7 +151,8 @@ class LoadImaged(Transform):
     (file dtype), ``label`` (uint8 0/1), ``affine``, ``original_shape``, ``original_affine``.
 
     Raises:
-      VolumeError: unreadable/not 3D/non-finite file or image and label grids differ.
+      VolumeError: unreadable/not 3D/non-finite file, or image and label shapes differ (an
+        image whose affine alone differs takes the label's, see ``align_to_label``).
     """
 
     def __init__(self, root: str | Path | None = None):
@@ -164,7 +165,7 @@ class LoadImaged(Transform):
     def __call__(self, data: Sample) -> Sample:
         image = load_volume(self._path(data["image_path"]), kind="image")
         label = load_volume(self._path(data["label_path"]), kind="label")
-        check_same_grid(image, label)
+        image = align_to_label(image, label)
         out = dict(data)
         out["image"] = image.array
         out["label"] = binarize_label(label.array, int(data["class_id"]), data["match"])
@@ -390,14 +391,15 @@ def prepare_case(
     every returned sample equals what :func:`prepare_transforms` gives for that target.
 
     Args:
-      image, label: volumes on the same grid, ``(i, j, k)``.
+      image, label: volumes of the same shape, ``(i, j, k)`` (the image takes the label's
+        affine if they differ, see ``align_to_label``).
       targets: ``(class_id, match)`` per output sample.
 
     Returns:
       One prepared sample per target (keys ``image``, ``label``, ``affine``, ``crop_start``,
       ``original_shape``, ``original_affine``), in ``targets`` order.
     """
-    check_same_grid(image, label)
+    image = align_to_label(image, label)
     lab = np.asarray(label.array)
     if targets and all(m == "nonzero" for _, m in targets):
         lab = (lab != 0).astype(np.uint8)  # only foreground matters; resample a compact map

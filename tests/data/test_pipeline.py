@@ -88,6 +88,28 @@ def dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path)
 
 
+def test_image_with_another_affine_takes_the_labels_grid(tmp_path: Path, caplog) -> None:
+    """Same shape, affines 0.5 mm apart: trained on, as the original does, on the label's grid."""
+    from sammed3d_jax.data.nifti import Volume, load_volume
+    from sammed3d_jax.data.transforms import prepare_case
+
+    ds = make_dataset(tmp_path, n_cases=1)
+    image_path = ds / "imagesTr" / "case0_0000.nii.gz"
+    shifted = AFFINE.copy()
+    shifted[:3, 3] += 0.5
+    _save(image_path, np.asarray(nib.load(image_path).dataobj), shifted)
+    index = P.load_index(_cfg(ds))
+    assert {i.class_id for i in index.items} == {1, 2} and not index.skipped
+    image, label = load_volume(image_path), load_volume(ds / "labelsTr" / "case0.nii.gz")
+    with caplog.at_level("WARNING"):
+        (got,) = prepare_case(image, label, [(1, "equal")], crop_size=CROP)
+    assert "the image takes the label's grid" in caplog.text
+    aligned = Volume(array=image.array, affine=label.affine)
+    (want,) = prepare_case(aligned, label, [(1, "equal")], crop_size=CROP)
+    for key in ("image", "label", "affine"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 # --------------------------------------------------------------------------------------
 # Index
 # --------------------------------------------------------------------------------------
