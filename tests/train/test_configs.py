@@ -99,3 +99,10 @@ def test_resume_with_another_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match="grad_clip_norm: True -> False"):
         loop.check_resumable(tmp_path, other, loop.model_config(other))
     assert json.loads((tmp_path / "config.json").read_text())["model"]["variant"] == "tiny"
+
+
+def test_tfds_source_is_settable():
+    config = cpu_demo.get_config()
+    assert loop.data_config(config.data, 64).tfds_dir is None
+    config.data.tfds_dir = "/data/sammed3d_tfds/1.0.0"
+    assert loop.data_config(config.data, 64).tfds_dir == "/data/sammed3d_tfds/1.0.0"
