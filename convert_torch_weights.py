@@ -32,12 +32,13 @@ from sammed3d_jax.checkpoint import (
     sha256_file,
 )
 from sammed3d_jax.convert.pth import PthError
-from sammed3d_jax.convert.torch_to_jax import ConversionError
+from sammed3d_jax.convert.torch_to_jax import ConversionError, infer_config
 
 
-def convert(src: Path, out_dir: Path, overwrite: bool = False) -> dict:
+def convert(src: Path, out_dir: Path, overwrite: bool = False, img_size: int | None = None) -> dict:
     state_dict, info = read_torch_checkpoint(src)
-    model, conv = model_from_state_dict(state_dict)
+    overrides = {} if img_size is None else {"img_size": img_size}
+    model, conv = model_from_state_dict(state_dict, infer_config(state_dict, **overrides))
     report = {
         "source": str(src.resolve()),
         "source_sha256": sha256_file(src),
@@ -60,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", action="store_true", help="Flax checkpoint -> .pth")
     parser.add_argument("--bare", action="store_true", help="with --export: bare state dict")
     parser.add_argument("--seed", type=int, default=0, help="random inputs for --verify")
+    parser.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="input side (only needed for checkpoints without pos_embed whose grid and "
+        "window cannot be told apart)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.export:
@@ -71,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.src.is_file():
             raise CheckpointError(f"{args.src}: no such file")
-        report = convert(args.src, args.dst, overwrite=args.overwrite)
+        if args.img_size is not None and args.img_size < 1:
+            raise CheckpointError(f"--img-size must be >= 1, got {args.img_size}")
+        report = convert(args.src, args.dst, overwrite=args.overwrite, img_size=args.img_size)
         cfg = report["config"]
         print(
             f"converted {args.src} -> {args.dst}: {report['num_torch_keys']} keys, "
@@ -105,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result))
             return 0 if result["ok"] else 1
         return 0
-    except (PthError, ConversionError, CheckpointError) as e:
+    except (PthError, ConversionError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

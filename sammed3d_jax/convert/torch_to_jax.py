@@ -19,6 +19,7 @@ name and layout change as follows:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -213,6 +214,15 @@ def _count(prefix_re: str, keys) -> int:
     return len(found)
 
 
+def _ratio_for(hidden: int, dim: int) -> float:
+    """The float ``r`` closest to ``hidden / dim`` with ``int(dim * r) == hidden``, the width
+    the model rebuilds (the plain quotient can land one ulp short and truncate)."""
+    r = hidden / dim
+    while int(dim * r) < hidden:
+        r = math.nextafter(r, math.inf)
+    return r
+
+
 def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> Sam3DConfig:
     """Recover the architecture from tensor shapes.
 
@@ -260,11 +270,18 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> Sam3DConfig
     if grid is None:
         grid = overrides.get("img_size", 0) // patch if "img_size" in overrides else None
         if grid is None:
-            # Without absolute positions, global blocks' tables span the whole grid; the
-            # largest table is taken as the grid (windows never exceed it in practice).
+            # Without absolute positions the tables give the global blocks' grid and the
+            # windowed blocks' window, but not which is which (vit_b_ori's window 14 exceeds
+            # its grid 8): only a single table size is unambiguous.
             if not sides:
                 raise ConversionError("cannot infer img_size from this checkpoint; pass img_size")
-            grid = max(sides)
+            if len(set(sides)) > 1:
+                raise ConversionError(
+                    "the checkpoint has no pos_embed, so its token grid cannot be told apart "
+                    f"from its window size (relative-position tables span {sorted(set(sides))} "
+                    "tokens); pass img_size (convert_torch_weights.py --img-size)"
+                )
+            grid = sides[0]
     global_idx = tuple(i for i, s in enumerate(sides) if s == grid)
     windowed = {s for s in sides if s != grid}
     if len(windowed) > 1:
@@ -289,7 +306,7 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> Sam3DConfig
         encoder_embed_dim=embed,
         encoder_depth=depth,
         encoder_num_heads=heads,
-        mlp_ratio=lin1[0] / embed,
+        mlp_ratio=_ratio_for(lin1[0], embed),
         encoder_global_attn_indexes=global_idx,
         window_size=window,
         qkv_bias="image_encoder.blocks.0.attn.qkv.bias" in sd,

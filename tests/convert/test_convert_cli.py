@@ -221,3 +221,31 @@ def test_point_mask_slots_are_exactly_ignored(converted):
     mask = jnp.asarray([[True, True, False, False, False, False, False]])
     out = model.decode(emb, padded_pts, padded_lab, None, point_mask=mask).low_res_logits
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-6)
+
+
+def test_grid_without_pos_embed_is_not_guessed(golden_sd):
+    """Without pos_embed the tables' sizes (grid 4 for the global block, window 6) cannot
+    say which is the grid: the converter asks for img_size instead of guessing wrong."""
+    from sammed3d_jax.convert.torch_to_jax import ConversionError, infer_config
+
+    full = infer_config(golden_sd)
+    sd = {k: v for k, v in golden_sd.items() if k != "image_encoder.pos_embed"}
+    with pytest.raises(ConversionError, match="pass img_size"):
+        infer_config(sd)
+    assert infer_config(sd, img_size=full.img_size) == full.replace(use_abs_pos=False)
+
+
+def test_mlp_width_is_rebuilt_exactly():
+    """hidden / dim can round one ulp low and truncate one short (115 / 56 -> 114)."""
+    from sammed3d_jax.convert.torch_to_jax import _ratio_for
+
+    assert int(56 * (115 / 56)) == 114  # the failure the ratio must avoid
+    for dim in range(1, 1300, 7):
+        for hidden in range(dim, 4 * dim + 1, max(1, dim // 5)):
+            assert int(dim * _ratio_for(hidden, dim)) == hidden, (dim, hidden)
+
+
+def test_export_to_an_unwritable_place_is_a_one_line_error(tmp_path, converted):
+    proc = run_cli("--export", converted, tmp_path / "no_such_dir" / "out.pth")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and "no_such_dir" in proc.stderr
