@@ -70,3 +70,26 @@ def test_parity_fails_loudly_on_a_wrong_model(tmp_path, fixtures_dir):
     outputs = summary["folders"][0]["checkpoints"]["perturbed.pth"]["outputs"]
     assert outputs["case1_patch_embed_plus_pos"]["ok"]
     assert not outputs["case1_block_0"]["ok"]
+
+
+def test_damaged_folders_are_reported_and_the_rest_still_run(tmp_path, fixtures_dir, capsys):
+    import shutil
+
+    from sammed3d_jax.parity import main
+
+    good = fixtures_dir / "golden_small"
+    bad_pth = tmp_path / "bad_pth"
+    bad_pth.mkdir()
+    shutil.copy(good / "io.npz", bad_pth / "io.npz")
+    (bad_pth / "checkpoint.pth").write_bytes(b"not a torch file")
+    bad_npz = tmp_path / "bad_npz"
+    bad_npz.mkdir()
+    shutil.copy(good / "checkpoint_train_format.pth", bad_npz / "checkpoint_train_format.pth")
+    (bad_npz / "io.npz").write_bytes((good / "io.npz").read_bytes()[:1000])
+    assert main([str(bad_pth), str(bad_npz), str(good)]) == 1
+    out, err = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    first, second, third = summary["folders"]
+    assert not first["ok"] and "error" in first and not second["ok"] and "error" in second
+    assert third["ok"] and "Traceback" not in err
+    assert f"error: {bad_pth}" in err and f"error: {bad_npz}" in err
