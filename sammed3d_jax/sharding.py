@@ -60,6 +60,9 @@ def mesh_shape(axes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     extra = set(axes) - set(MESH_AXES)
     if extra:
         raise ValueError(f"unknown mesh axes {sorted(extra)}; known: {MESH_AXES}")
+    bad = {k: v for k, v in sizes.items() if v < 1 and v != -1}
+    if bad:
+        raise ValueError(f"mesh axis sizes must be >= 1 or -1 (the rest), got {bad}")
     known = math.prod(v for k, v in sizes.items() if v != -1)
     if unknown:
         if num_devices % known:
@@ -167,6 +170,18 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Any = None) -> NamedSharding:
     """Sharding of a (B, ...) batch: batch over the data-parallel axes, rest replicated."""
     target = rules_dict(rules).get("batch")
     return NamedSharding(mesh, PartitionSpec(target, *([None] * (ndim - 1))))
+
+
+def check_batch_divisible(mesh: Mesh, batch_size: int, name: str, rules: Any = None) -> None:
+    """Raise ValueError unless ``batch_size`` splits evenly over the batch's mesh axes."""
+    target = rules_dict(rules).get("batch")
+    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if batch_size % n:
+        raise ValueError(
+            f"{name}={batch_size} does not split over the {n} devices of the batch's mesh axes "
+            f"{dict((a, mesh.shape[a]) for a in axes)}; use a multiple of {n}"
+        )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -88,6 +88,19 @@ class Sam3DConfig:
             "encoder_global_attn_indexes",
             tuple(int(i) for i in self.encoder_global_attn_indexes),
         )
+        positive = (
+            "img_size", "patch_size", "in_chans", "encoder_embed_dim", "encoder_depth",
+            "encoder_num_heads", "prompt_embed_dim", "mask_in_chans", "iou_head_depth",
+            "iou_head_hidden_dim", "decoder_depth", "decoder_num_heads", "decoder_mlp_dim",
+            "attention_downsample_rate",
+        )  # fmt: skip
+        bad = [f"{f}={getattr(self, f)} (must be >= 1)" for f in positive if getattr(self, f) < 1]
+        if not self.mlp_ratio > 0:
+            bad.append(f"mlp_ratio={self.mlp_ratio} (must be > 0)")
+        if self.num_multimask_outputs < 0:
+            bad.append(f"num_multimask_outputs={self.num_multimask_outputs} (must be >= 0)")
+        if bad:  # checked first: the divisibility checks below would divide by them
+            raise ValueError("invalid Sam3DConfig: " + "; ".join(bad))
         problems = []
         if self.img_size % self.patch_size:
             problems.append(

@@ -47,6 +47,11 @@ def test_vit_b_ori_keys_match_the_reference_manifest(fixtures_dir):
         dict(dtype="int8"),
         dict(window_attention="fast"),
         dict(prompt_embed_dim=100),
+        dict(patch_size=0),
+        dict(img_size=-16),
+        dict(encoder_num_heads=0),
+        dict(attention_downsample_rate=0),
+        dict(mlp_ratio=0.0),
     ],
 )
 def test_invalid_configs_are_rejected(changes):

@@ -59,3 +59,16 @@ def test_mesh_shape_rules():
         sh.mesh_shape({"model": 2}, 8)
     with pytest.raises(ValueError, match="needs 4 devices"):
         sh.mesh_shape({"data": 4}, 8)
+    for axes in ({"data": 0, "fsdp": -1}, {"data": -2, "fsdp": -4}):
+        with pytest.raises(ValueError, match="must be >= 1 or -1"):
+            sh.mesh_shape(axes, 8)
+
+
+def test_batch_must_split_over_the_batch_axes():
+    from types import SimpleNamespace
+
+    mesh = SimpleNamespace(shape={"data": 3, "fsdp": 2, "tensor": 4})
+    sh.check_batch_divisible(mesh, 12, "data.batch_size")
+    with pytest.raises(ValueError, match=r"data\.batch_size=4 does not split over the 6 devices"):
+        sh.check_batch_divisible(mesh, 4, "data.batch_size")
+    sh.check_batch_divisible(mesh, 4, "x", rules={"batch": "fsdp"})
