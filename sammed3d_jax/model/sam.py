@@ -98,6 +98,7 @@ class Sam3D(nnx.Module):
             if mask_input.shape[1] != 1:
                 raise ValueError(f"mask_input must have one channel, got shape {mask_input.shape}")
             mask_input = mask_input[:, 0]
+        self._check_prompts(image_embeddings, points, labels, mask_input, point_mask)
         if batch_size is None and points is None and mask_input is None:
             batch_size = image_embeddings.shape[0]
         sparse, dense, valid = self.prompt_encoder(
@@ -115,6 +116,38 @@ class Sam3D(nnx.Module):
             sparse_mask=valid if point_mask is not None else None,
         )
         return Sam3DOutput(low_res_logits=low, iou_predictions=iou)
+
+    def _check_prompts(self, emb, points, labels, mask_input, point_mask) -> None:
+        """Shape errors as one ValueError naming the argument (not deep inside jax)."""
+        cfg = self.config
+        g, low = cfg.grid_size, cfg.low_res_size
+        want = (g, g, g, cfg.prompt_embed_dim)
+        if emb.ndim != 5 or tuple(emb.shape[1:]) != want:
+            raise ValueError(f"image_embeddings must have shape (B, {want}), got {emb.shape}")
+        batches = {}
+        if points is not None:
+            if points.ndim != 3 or points.shape[-1] != 3:
+                raise ValueError(f"points must have shape (B, N, 3), got {points.shape}")
+            if tuple(labels.shape) != tuple(points.shape[:2]):
+                raise ValueError(f"labels must have shape {points.shape[:2]}, got {labels.shape}")
+            batches["points"] = points.shape[0]
+        if point_mask is not None:
+            if points is None or tuple(point_mask.shape) != tuple(points.shape[:2]):
+                expected = "points" if points is None else points.shape[:2]
+                raise ValueError(f"point_mask must have shape {expected}, got {point_mask.shape}")
+        if mask_input is not None:
+            if mask_input.ndim != 4 or tuple(mask_input.shape[1:]) != (low,) * 3:
+                raise ValueError(
+                    f"mask_input must have shape (B, {low}, {low}, {low}), got {mask_input.shape}"
+                )
+            batches["mask_input"] = mask_input.shape[0]
+        if len(set(batches.values())) > 1:
+            raise ValueError(f"prompt batch sizes differ: {batches}")
+        b = next(iter(batches.values()), emb.shape[0])
+        if emb.shape[0] not in (1, b):
+            raise ValueError(
+                f"image_embeddings batch {emb.shape[0]} is neither 1 nor the prompts' batch {b}"
+            )
 
     def __call__(
         self,
