@@ -138,3 +138,38 @@ def test_resume_on_fewer_devices(tmp_path, devices):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(losses(work)) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_processes_with_one_device_each(tmp_path):
+    """One local device per process (a 2-device mesh over 2 hosts) trains and checkpoints."""
+    work = tmp_path / "one_each"
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                "timeout",
+                "-k",
+                "10",
+                "600",
+                *cmd(
+                    work,
+                    2,
+                    f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
+                ),
+            ],
+            cwd=REPO,
+            env=env(1, compilation_cache=False),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=700)[1] for p in procs]
+    for p, e in zip(procs, errs):
+        assert p.returncode == 0, e[-3000:]
+    assert "2 devices (1 local)" in errs[0]
+    assert (work / "checkpoints" / "2").is_dir()
