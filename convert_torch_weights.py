@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.src.is_file():
             raise CheckpointError(f"{args.src}: no such file")
+        if args.dst.exists() and not args.overwrite:
+            raise CheckpointError(f"{args.dst} already exists (use --overwrite)")
         if args.img_size is not None and args.img_size < 1:
             raise CheckpointError(f"--img-size must be >= 1, got {args.img_size}")
         report = convert(args.src, args.dst, overwrite=args.overwrite, img_size=args.img_size)

@@ -1,7 +1,7 @@
 """The built-in default run: a small model trained for a few minutes on CPU on bundled data.
 
     python train.py                                   # = --config configs/cpu_demo.py
-    python train.py --config configs/cpu_demo.py --config.total_steps=50
+    python train.py --config configs/cpu_demo.py:steps=50   # run and schedule both shortened
 
 Trains the `tiny` architecture from scratch on the real CT/MR volumes in `demo_data/train`
 (3 mm grid, 64³ crops = the field of view of the original's 128³ crops at 1.5 mm), evaluates

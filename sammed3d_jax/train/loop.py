@@ -184,7 +184,6 @@ class Evaluator:
             num_workers=0,
         )
         self.data_cfg = data_config(data, crop_size, batch)
-        sh.check_batch_divisible(mesh, batch, "val.batch_size (or data.batch_size)", rules)
         self.max_items = int(v.max_items)
         self._ds = None
         self.mesh, self.rules = mesh, rules
@@ -370,6 +369,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     )
     data_cfg = data_config(config.data, cfg.img_size)
     sh.check_batch_divisible(mesh, data_cfg.batch_size, "data.batch_size", rules)
+    if config.val.root or config.val.records:
+        val_batch = int(config.val.batch_size) or data_cfg.batch_size
+        sh.check_batch_divisible(mesh, val_batch, "val.batch_size (or data.batch_size)", rules)
 
     abstract = abstract_sam3d(cfg)
     graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
