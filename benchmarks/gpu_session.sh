@@ -7,9 +7,10 @@
 # Python packages the GPU image lacks travel as wheels in .whl/ (see BENCHMARKS.md).
 # Each step has its own time limit and writes its output as it goes, so a step cut short
 # still leaves the others' results. A fresh machine's first CUDA start-up and compilations
-# are slow: the default steps' limits add up to 650 s, more than fits one 600 s call, so a
+# are slow: the default steps' limits add up to 770 s, more than fits one 600 s call, so a
 # call names the steps it can afford (STEPS="quick encoder_profile" PROFILE_BATCHES=1 needs
-# at most 300 s).
+# at most 300 s). The training step with the unrolled click loop compiles for minutes: time
+# it alone (STEPS=train TRAIN_VARIANTS=cudnn+unroll TRAIN_LIMIT=450).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 STEPS=${STEPS:-train click train_profile encoder_profile encoder tests}
@@ -49,8 +50,8 @@ for s in $STEPS; do
     # Profiles run with command buffers (CUDA graphs) off: inside one, kernels cannot be
     # told apart (the wall time is then higher than in the benchmarks).
     train_profile) XLA_FLAGS="$NO_CMD_BUFFERS" \
-      step train_profile 120 python3 benchmarks/profile_train_step.py \
-      --device gpu --batch 12 --attention cudnn --top 25 ;;
+      step train_profile "${TRAIN_PROFILE_LIMIT:-240}" python3 benchmarks/profile_train_step.py \
+      --device gpu --batch 12 --attention cudnn --by source --top 25 ;;
     encoder_profile) for b in ${PROFILE_BATCHES:-1 32}; do
         XLA_FLAGS="$NO_CMD_BUFFERS" step "encoder_profile_b$b" 40 \
           python3 benchmarks/profile_train_step.py --device gpu --target encoder --by source \
