@@ -8,13 +8,13 @@ FP (a negative click). The click is the voxel index ``(a0, a1, a2)``.
 The default ``threshold=0.5`` is applied to *logits*, as the original training loop does
 (probability about 0.62, not 0.5); inference thresholds logits at 0 (``threshold=0.0``).
 
-Exact uniformity. The voxels of ``E`` are ranked in C order (the order of ``argwhere``) and
-the click is the voxel of rank ``k``, with ``k`` an exactly uniform integer in ``[0, |E|)``
-drawn by rejection sampling on 32 random bits (rejection probability below ``|E| / 2^32``, so
-the loop almost always runs once). This is the same selection as the original's
-``argwhere(E)[randint(len)]``, only with a different random-number generator. The rank is
-resolved in two levels (rows of the last axis, then inside one row), so no cumulative sum
-over the whole volume is needed.
+Uniformity. The voxels of ``E`` are ranked in C order (the order of ``argwhere``) and the
+click is the voxel of rank ``k``, with ``k`` a uniform integer in ``[0, |E|)`` drawn by
+rejection sampling on 32-bit draws (exactly uniform unless four draws in a row are rejected,
+probability below ``(|E| / 2^32)^4``; see :func:`uniform_index`). This is the same selection
+as the original's ``argwhere(E)[randint(len)]``, only with a different random-number
+generator. The rank is resolved in two levels (rows of the last axis, then inside one row),
+so no cumulative sum over the whole volume is needed.
 
 Where the original crashes (an empty error region, i.e. a perfect prediction) the click is
 reported invalid: ``valid=False``, label -1, coordinates 0.
@@ -30,8 +30,18 @@ Array = jax.Array
 __all__ = ["error_regions", "nth_voxel", "sample_clicks", "sample_from_region", "uniform_index"]
 
 
+REJECTION_ROUNDS = 4  # 32-bit draws per sample; see `uniform_index`
+
+
 def uniform_index(key: Array, n: Array) -> Array:
-    """Exactly uniform integers in ``[0, n)`` by rejection sampling on 32-bit draws.
+    """Uniform integers in ``[0, n)`` by rejection sampling on 32-bit draws, without a loop.
+
+    Each sample gets ``REJECTION_ROUNDS`` independent 32-bit draws and takes the first one
+    that falls below the largest multiple of n (exactly uniform). A draw is rejected with
+    probability ``(2^32 mod n) / 2^32 < n / 2^32``, so all of them are rejected with
+    probability below ``(n / 2^32)^4`` (6e-14 for a whole 128³ crop); only then the last
+    draw's ``u mod n`` is used, whose bias is below ``n / 2^32`` itself. Straight-line code:
+    a data-dependent loop would make XLA:GPU read its predicate on the host inside the step.
 
     Args:
       key: a PRNG key.
@@ -44,23 +54,12 @@ def uniform_index(key: Array, n: Array) -> Array:
     # Accept u when u < 2^32 - (2^32 mod n): the accepted range is a multiple of n.
     rem = (jnp.uint32(0) - n) % n  # 2^32 mod n in uint32 arithmetic
     limit = jnp.uint32(0xFFFFFFFF) - rem  # accept u <= limit
-
-    def draw(k: Array) -> Array:
-        return jax.random.bits(k, n.shape, jnp.uint32)
-
-    def cond(carry: tuple[Array, Array, Array]) -> Array:
-        _, u, _ = carry
-        return jnp.any(u > limit)
-
-    def body(carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-        k, u, i = carry
-        k, sub = jax.random.split(k)
-        fresh = draw(sub)
-        return k, jnp.where(u > limit, fresh, u), i + 1
-
-    key, sub = jax.random.split(key)
-    _, u, _ = jax.lax.while_loop(cond, body, (key, draw(sub), jnp.int32(0)))
-    return (u % n).astype(jnp.int32)
+    u = jax.random.bits(key, (REJECTION_ROUNDS, *n.shape), jnp.uint32)
+    accepted = u <= limit
+    first = jnp.argmax(accepted, axis=0)  # 0 when none is accepted ...
+    first = jnp.where(jnp.any(accepted, axis=0), first, REJECTION_ROUNDS - 1)  # ... then the last
+    chosen = jnp.take_along_axis(u, first[None], axis=0)[0]
+    return (chosen % n).astype(jnp.int32)
 
 
 def error_regions(prev_logits: Array, gt: Array, threshold: float = 0.5) -> tuple[Array, Array]:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from sammed3d_jax.train import clicks
 from sammed3d_jax.train.clicks import (
     error_regions,
     nth_voxel,
@@ -151,10 +152,29 @@ def test_uniform_index():
     assert stats.chisquare(counts).pvalue > 1e-3
 
 
-def test_uniform_index_rejection_path():
-    """n = 2^31 + 1 rejects almost half of the 32-bit draws; results stay in range."""
-    n = jnp.full((4096,), 2**31 + 1, jnp.uint32)
-    got = np.asarray(jax.jit(uniform_index)(jax.random.key(5), n)).astype(np.int64) & 0xFFFFFFFF
-    assert np.all(got < 2**31 + 1)
-    # Uniform on [0, n): the mean is n/2 within a few standard errors.
-    assert abs(got.mean() / (2**31 + 1) - 0.5) < 0.02
+def test_uniform_index_takes_first_accepted_draw():
+    """Same draws as the function, resolved in numpy: the first draw below the largest
+    multiple of n, else the last one. n = 2^31 + 1 rejects almost half of all draws, so
+    every position (and the all-rejected fallback) occurs."""
+    n = np.array([2**31 + 1] * 4096 + [7, 1000, 3], np.uint32)
+    key = jax.random.key(5)
+    got = np.asarray(jax.jit(uniform_index)(key, jnp.asarray(n))).astype(np.int64) & 0xFFFFFFFF
+    u = np.asarray(jax.random.bits(key, (clicks.REJECTION_ROUNDS, n.size), jnp.uint32))
+    u = u.astype(np.int64)
+    limit = 2**32 - 1 - (2**32 % n.astype(np.int64))
+    accepted = u <= limit
+    first = np.where(accepted.any(0), accepted.argmax(0), clicks.REJECTION_ROUNDS - 1)
+    np.testing.assert_array_equal(got, u[first, np.arange(n.size)] % n)
+    assert set(np.unique(first[:4096])) == set(range(clicks.REJECTION_ROUNDS))
+    assert 0 < (~accepted[:, :4096].any(0)).sum() < 4096 / 8  # the fallback, ~1/16 of them
+    assert np.all(got < n)
+    assert abs(got[:4096].mean() / (2**31 + 1) - 0.5) < 0.02
+
+
+def test_click_sampling_has_no_loop():
+    """No data-dependent loop: on a GPU its predicate would be read on the host."""
+    logits = jnp.zeros((2, 8, 8, 8))
+    gt = jnp.ones((2, 8, 8, 8), jnp.uint8)
+    jaxpr = str(jax.make_jaxpr(sample_clicks)(jax.random.key(0), logits, gt))
+    assert "random_bits" in jaxpr  # (the generator's rounds are a fixed loop inside it)
+    assert "while" not in jaxpr and "cond" not in jaxpr
