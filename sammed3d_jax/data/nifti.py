@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import nibabel as nib
 import numpy as np
+
+from sammed3d_jax.files import atomic_path
 
 __all__ = [
     "Volume",
@@ -238,14 +239,6 @@ def save_mask(path: str | os.PathLike, array: np.ndarray, like: Volume) -> Path:
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1.0, 0.0)
     img = nib.Nifti1Image(data, affine, header=header)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix, dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst, suffix=suffix) as tmp_name:
         nib.save(img, tmp_name)
-        os.replace(tmp_name, dst)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
     return dst

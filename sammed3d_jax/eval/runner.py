@@ -40,7 +40,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -51,6 +50,7 @@ import numpy as np
 from sammed3d_jax.data.layout import Case, LayoutError, scan_dataset
 from sammed3d_jax.data.nifti import VolumeError, check_same_grid, load_volume, save_mask
 from sammed3d_jax.eval.protocols import PROTOCOLS, CaseResult, run_protocol
+from sammed3d_jax.files import write_atomic
 
 __all__ = [
     "CliArgumentParser",
@@ -124,21 +124,6 @@ def cli_errors() -> Iterator[_Status]:
 # --------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _finite(value: Any) -> Any:
     """JSON-safe copy: NaN / inf → None, numpy scalars → Python numbers."""
     if isinstance(value, dict):
@@ -154,7 +139,7 @@ def _finite(value: Any) -> Any:
 
 def _write_json(path: Path, obj: Any) -> None:
     text = json.dumps(_finite(obj), indent=1, allow_nan=False) + "\n"
-    _atomic_write(path, text.encode())
+    write_atomic(path, text.encode())
 
 
 # --------------------------------------------------------------------------------------
@@ -458,7 +443,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------
@@ -644,7 +629,7 @@ def evaluate_dataset(
     ordered = [records[k] for k, _ in selected]
     summary = build_summary(ordered, discovery.warnings, settings)
     _write_json(out_dir / SUMMARY_FILE, summary)
-    _atomic_write(out_dir / CSV_FILE, _summary_csv(summary))
+    write_atomic(out_dir / CSV_FILE, _summary_csv(summary))
     _plot(summary, out_dir / PLOT_FILE)
     return RunStats(computed=[k for k, _ in todo], skipped=skipped, summary=summary)
 

@@ -12,13 +12,13 @@ Rendering uses matplotlib's Agg canvas directly, so no display or global backend
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from sammed3d_jax.data.geometry import to_canonical
+from sammed3d_jax.files import atomic_path
 
 __all__ = ["canonical_voxel_index", "save_overlay_png"]
 
@@ -140,14 +140,6 @@ def save_overlay_png(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".png", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return dst
