@@ -73,6 +73,10 @@ class Discovery:
 # --------------------------------------------------------------------------------------
 
 
+# Volume files of another ending than the dataset's are reported, not silently dropped.
+_VOLUME_ENDINGS = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+
+
 def _visible_files(folder: Path, ending: str) -> list[Path]:
     return sorted(
         p
@@ -143,6 +147,11 @@ def _pair_split(
     labels_dir = dataset_dir / f"labels{split}"
     images = _stems(images_dir, ending)
     labels = _stems(labels_dir, ending)
+    for folder in (images_dir, labels_dir):
+        for other in _visible_files(folder, "") if folder.is_dir() else ():
+            name = other.name.lower()
+            if name.endswith(_VOLUME_ENDINGS) and not other.name.endswith(ending):
+                problems.append(f"{other}: not a {ending} file; skipped")
     used: set[str] = set()
     cases = []
     for case_id, label_path in labels.items():

@@ -14,11 +14,11 @@ label) are skipped, counted per reason and logged; building never raises for one
 **Datasets.** :func:`make_train_dataset` chains grain's dataset API:
 
     MapDataset.source(items | shard records)
-      .shuffle(seed)            # a new permutation every epoch
+      .shuffle(hash(seed))      # a new permutation every epoch
       .slice(:E)                # E = items rounded down to whole global batches
       .repeat()
       .map_with_index(...)      # load → prepare → ClampCTd → RandFlipd, rng = f(seed, position)
-      .slice(p::P)              # process p of P
+      .slice(p::P)              # batch shard p of P (the process's rows of the batch)
       .batch(B / P)
       .to_iter_dataset(ReadOptions)
       [.mp_prefetch(MultiprocessingOptions)]
@@ -55,7 +55,6 @@ import logging
 import math
 import multiprocessing
 import os
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent import futures
@@ -77,6 +76,7 @@ from sammed3d_jax.data.transforms import (
     to_example,
     zero_example,
 )
+from sammed3d_jax.files import write_atomic
 
 try:  # recent grain releases expose the dataset API at the top level
     import grain
@@ -592,16 +592,7 @@ def _index_from_json(data: Mapping[str, Any], root: Path, path: Path) -> ItemInd
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(data))
 
 
 def load_index(
@@ -813,6 +804,19 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return int(process_index), int(process_count)
 
 
+def _source_name(cfg: DataConfig) -> str:
+    return str(cfg.records or cfg.tfds_dir or cfg.root)
+
+
+def _shuffle_seed(seed: int) -> int:
+    """grain's shuffle seed, hashed from the run seed.
+
+    grain orders epoch k with seed + k, so passing the run seed itself would make seed s + 1
+    replay seed s's second epoch first (correlated seed sweeps); it also needs [0, 2^32).
+    """
+    return int(np.random.SeedSequence([int(seed) % 2**64, 1]).generate_state(1)[0])
+
+
 def epoch_size(num_items: int, global_batch: int) -> int:
     """Samples per epoch: ``num_items`` rounded down to whole global batches (all of them
     when there are fewer items than one batch)."""
@@ -879,11 +883,13 @@ def make_train_dataset(
     b = _per_process_batch(cfg.batch_size, pc)
     source, prepare = open_source(cfg)
     n = len(source)
+    if n == 0:
+        raise LayoutError(f"{_source_name(cfg)}: no training records")
     epoch = epoch_size(n, cfg.batch_size)
     if n < cfg.batch_size:
         log.warning("%d items < global batch %d: batches repeat items", n, cfg.batch_size)
     augment = augment_transforms(cfg.clamp_ct, cfg.ct_range, cfg.flip_prob)  # type: ignore[arg-type]
-    ds = grain.MapDataset.source(source).shuffle(seed)
+    ds = grain.MapDataset.source(source).shuffle(_shuffle_seed(seed))
     if epoch < n:
         ds = ds.slice(slice(0, epoch))  # slices are per epoch: a fresh permutation each time
     ds = ds.repeat()
@@ -915,6 +921,8 @@ def make_eval_dataset(
     global_batch = cfg.eval_batch_size or cfg.batch_size
     b = _per_process_batch(global_batch, pc)
     source, prepare = open_source(cfg)
+    if len(source) == 0:
+        raise LayoutError(f"{_source_name(cfg)}: no evaluation records")
     total = math.ceil(len(source) / global_batch) * global_batch
     augment = augment_transforms(cfg.clamp_ct, cfg.ct_range, flip_prob=0.0)  # type: ignore[arg-type]
     ds = grain.MapDataset.source(_PaddedSource(source, total))

@@ -83,6 +83,23 @@ class RecordError(ValueError):
 # --------------------------------------------------------------------------------------
 
 
+def warn_fixed_index(where: Any, stored: dict[str, Any] | None, cfg: Any) -> None:
+    """Log which item settings of ``cfg`` a prepared dataset ignores: its items were chosen
+    when it was written (layout, splits, classes, size thresholds)."""
+    if stored is None:
+        return
+    wanted = cfg.index_params()
+    diffs = [
+        f"{k}={wanted[k]!r} (data: {stored.get(k)!r})" for k in wanted if stored.get(k) != wanted[k]
+    ]
+    if diffs:
+        log.warning(
+            "%s: items were selected when the data were prepared; ignoring %s",
+            where,
+            ", ".join(diffs),
+        )
+
+
 def _json_meta(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
@@ -293,6 +310,7 @@ class ShardSource:
             raise ValueError(
                 f"{self.manifest_path}: shards were prepared with {stored}, config asks for {wanted}"
             )
+        warn_fixed_index(self.manifest_path, self.manifest.get("index_params"), cfg)
 
     def __len__(self) -> int:
         return self._starts[-1]

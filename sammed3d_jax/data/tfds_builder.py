@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sammed3d_jax.data.records import RecordError, case_works, prepared_case
+from sammed3d_jax.data.records import RecordError, case_works, prepared_case, warn_fixed_index
 
 __all__ = ["SamMed3dRois", "TfdsSource", "prepare_tfds"]
 
@@ -92,6 +92,7 @@ class SamMed3dRois(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(
                 prepare=self._data_cfg.prepare_params(),
                 index_params=self._data_cfg.index_params(),
+                root=_root_name(self._data_cfg),
             ),
         )
 
@@ -133,7 +134,27 @@ def prepare_tfds(data_cfg: Any, data_dir: str | os.PathLike) -> str:
     """
     builder = SamMed3dRois(data_cfg=data_cfg, data_dir=os.fspath(data_dir))
     builder.download_and_prepare()
-    return os.fspath(builder.data_dir)
+    path = os.fspath(builder.data_dir)
+    # An existing folder is reused as it is: it must hold this very dataset.
+    stored = dict(tfds.builder_from_directory(path).info.metadata or {})
+    wanted = {
+        "prepare": data_cfg.prepare_params(),
+        "index_params": data_cfg.index_params(),
+        "root": _root_name(data_cfg),
+    }
+    diffs = [
+        f"{k}: {stored.get(k)!r} (wanted {v!r})" for k, v in wanted.items() if stored.get(k) != v
+    ]
+    if diffs:
+        raise ValueError(
+            f"{path} already holds a dataset prepared differently ({'; '.join(diffs)}); "
+            "use another data_dir or delete that folder"
+        )
+    return path
+
+
+def _root_name(data_cfg: Any) -> str:
+    return os.path.realpath(os.fspath(data_cfg.root)) if data_cfg.root else ""
 
 
 class TfdsSource:
@@ -167,6 +188,7 @@ class TfdsSource:
         stored, wanted = self.metadata.get("prepare"), cfg.prepare_params()
         if stored != wanted:
             raise ValueError(f"{self.path}: prepared with {stored}, config asks for {wanted}")
+        warn_fixed_index(self.path, self.metadata.get("index_params"), cfg)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self._source is None:

@@ -137,6 +137,22 @@ def test_sammed3d_layout(tmp_path: Path) -> None:
     assert len(found.warnings) == 1 and "word_0099" in found.warnings[0]
 
 
+def test_files_of_another_ending_are_reported(tmp_path: Path) -> None:
+    _touch(
+        tmp_path,
+        "liver/ct_A/imagesTr/case1.nii.gz",
+        "liver/ct_A/labelsTr/case1.nii.gz",
+        "liver/ct_A/imagesTr/case2.nii",
+        "liver/ct_A/labelsTr/case2.nii",
+    )
+    found = scan_dataset(tmp_path)
+    assert [c.case_id for c in found.cases] == ["case1"]
+    assert sorted(found.warnings) == [
+        f"{tmp_path}/liver/ct_A/imagesTr/case2.nii: not a .nii.gz file; skipped",
+        f"{tmp_path}/liver/ct_A/labelsTr/case2.nii: not a .nii.gz file; skipped",
+    ]
+
+
 def test_errors(tmp_path: Path) -> None:
     with pytest.raises(LayoutError, match="not found"):
         scan_dataset(tmp_path / "missing")

@@ -264,6 +264,16 @@ def test_process_sharding_is_disjoint_and_splits_the_global_batch(dataset: Path)
         assert sorted(seen) == list(range(8))
 
 
+def test_neighbouring_seeds_shuffle_independently(dataset: Path) -> None:
+    """grain orders epoch k with its seed + k: seed 6 must not replay seed 5's second epoch."""
+    cfg = _cfg(dataset)
+    five = [b["item"] for b in _take(P.make_train_dataset(cfg, 5, 0, 1), 4)]
+    six = [b["item"] for b in _take(P.make_train_dataset(cfg, 6, 0, 1), 2)]
+    assert not np.array_equal(np.concatenate(five[2:]), np.concatenate(six))
+    for seed in (-1, 2**40):  # any integer seed (grain itself takes [0, 2^32) only)
+        assert len(_take(P.make_train_dataset(cfg, seed, 0, 1), 1)) == 1
+
+
 def test_epochs_cut_to_whole_global_batches(tmp_path: Path) -> None:
     ds = make_dataset(tmp_path, n_cases=5)  # 10 items, global batch 4 -> 8 per epoch
     cfg = _cfg(ds)

@@ -193,6 +193,24 @@ def test_shards_reject_other_preprocessing(converted) -> None:
         P.make_train_dataset(_shard_cfg(cfg, out, crop_size=32), 0, 0, 1)
 
 
+def test_shards_report_item_settings_they_ignore(converted, caplog) -> None:
+    cfg, out = converted
+    with caplog.at_level("WARNING"):
+        P.make_train_dataset(_shard_cfg(cfg, out, min_crop_voxels=7), 0, 0, 1)
+    assert "ignoring min_crop_voxels=7 (data: 100)" in caplog.text
+
+
+def test_empty_shards_are_a_clear_error(converted, tmp_path: Path) -> None:
+    cfg, _ = converted
+    empty = P.DataConfig(**{**cfg.__dict__, "min_crop_voxels": 10**9})
+    R.write_shards(empty, tmp_path / "empty", compression="uncompressed")
+    shards = _shard_cfg(empty, tmp_path / "empty")
+    with pytest.raises(P.LayoutError, match="empty: no training records"):
+        P.make_train_dataset(shards, 0, 0, 1)
+    with pytest.raises(P.LayoutError, match="empty: no evaluation records"):
+        P.make_eval_dataset(shards, 0, 1)
+
+
 # --------------------------------------------------------------------------------------
 # Damage
 # --------------------------------------------------------------------------------------
@@ -334,6 +352,10 @@ def test_tfds_builder_without_tensorflow(converted, tmp_path: Path) -> None:
         _take(P.make_train_dataset(cfg, 8, 0, 1), 3), _take(P.make_train_dataset(tcfg, 8, 0, 1), 3)
     )
     assert "tensorflow" not in sys.modules
+    assert prepare_tfds(cfg, tmp_path / "tfds") == path  # the same dataset: reused
+    other = P.DataConfig(**{**cfg.__dict__, "min_crop_voxels": 7})
+    with pytest.raises(ValueError, match=r"already holds a dataset prepared differently.*min_crop"):
+        prepare_tfds(other, tmp_path / "tfds")
 
 
 @pytest.mark.slow
