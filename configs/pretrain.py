@@ -1,8 +1,9 @@
 """Pre-training from scratch with the original recipe, at pod / cluster scale.
 
-    # TPU pod: the same command on every host (jax.distributed detects the pod).
-    python train.py --config configs/pretrain.py:records=gs://bucket/sam_med3d_shards \
-        --workdir gs://bucket/runs/pretrain --config.mesh.fsdp=8
+    # TPU pod: the same command on every host (jax.distributed detects the pod); a bucket
+    # is read and written through a mount (gcsfuse), not as a gs:// URL.
+    python train.py --config configs/pretrain.py:records=/gcs/bucket/sam_med3d_shards \
+        --workdir /gcs/bucket/runs/pretrain --config.mesh.fsdp=8
     # SLURM GPU cluster: one task per node (see README "Running on a TPU pod / GPU cluster").
 
 The original: `vit_b_ori`, AdamW lr 8e-4 (encoder) / 8e-5 (prompt encoder, decoder), weight

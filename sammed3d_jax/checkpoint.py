@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from sammed3d_jax.convert.pth import find_state_dict, load_pth, save_pth
+from sammed3d_jax.convert.pth import PthError, find_state_dict, load_pth, save_pth
 from sammed3d_jax.convert.torch_to_jax import (
     flax_state_to_torch,
     infer_config,
@@ -197,9 +197,12 @@ def recorded_spacing(path: str | os.PathLike) -> tuple[float, float, float] | No
 
 def _training_run_model(path: Path, **config_overrides: Any) -> Sam3D:
     """Parameters of the latest checkpoint of a `train.py` workdir."""
-    run_cfg = json.loads((path / "config.json").read_text())
-    model_cfg = dict(run_cfg["model"])
-    cfg = Sam3DConfig.from_variant(model_cfg.pop("variant"), **model_cfg)
+    f = path / "config.json"
+    try:
+        model_cfg = dict(json.loads(f.read_text())["model"])
+        cfg = Sam3DConfig.from_variant(model_cfg.pop("variant"), **model_cfg)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f}: no valid model config ({type(e).__name__}: {e})") from e
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
     steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
@@ -253,7 +256,10 @@ def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file():
-        state_dict, _ = read_torch_checkpoint(path)
+        try:
+            state_dict, _ = read_torch_checkpoint(path)
+        except PthError as e:  # not a ValueError: name the file for every caller
+            raise CheckpointError(str(e)) from e
         model, _ = model_from_state_dict(state_dict, **config_overrides)
         return model
     if _is_training_run(path):

@@ -184,6 +184,44 @@ def check_batch_divisible(mesh: Mesh, batch_size: int, name: str, rules: Any = N
         )
 
 
+def batch_shard_from_rows(rows: set[tuple[int, int]], batch_size: int) -> tuple[int, int]:
+    """(shard index, shard count) of the batch rows ``[start, stop)`` a process holds.
+
+    The rows must form one contiguous block whose size divides the batch; processes with
+    the same block (the batch axes do not span them) load the same samples.
+    """
+    lo, hi = min(r[0] for r in rows), max(r[1] for r in rows)
+    if sum(stop - start for start, stop in rows) != hi - lo:
+        raise ValueError(
+            f"this process holds batch rows {sorted(rows)}, not one contiguous block: "
+            "order the mesh so each host's devices are adjacent on the batch axes"
+        )
+    local = hi - lo
+    if batch_size % local or lo % local:
+        raise ValueError(f"batch rows [{lo}, {hi}) do not tile a batch of {batch_size}")
+    return lo // local, batch_size // local
+
+
+def process_batch_shard(mesh: Mesh, batch_size: int, rules: Any = None) -> tuple[int, int]:
+    """Which part of each global batch this process loads: ``(index, count)``.
+
+    The batch is split over the batch's mesh axes only, so when those do not span every
+    process (e.g. a tensor axis across hosts) several processes hold the same rows and must
+    load the same samples; splitting the data by ``jax.process_index()`` would give each of
+    them different ones.
+    """
+    sharding = batch_sharding(mesh, 1, rules)
+    me = jax.process_index()
+    rows = {
+        idx[0].indices(batch_size)[:2]
+        for dev, idx in sharding.devices_indices_map((batch_size,)).items()
+        if dev.process_index == me
+    }
+    if not rows:
+        raise ValueError(f"process {me} holds no device of the mesh {dict(mesh.shape)}")
+    return batch_shard_from_rows(rows, batch_size)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

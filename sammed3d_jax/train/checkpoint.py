@@ -61,6 +61,10 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `save(step)` would write a checkpoint without `force`."""
+        return bool(self.manager.should_save(int(step)))
+
     def save(
         self,
         step: int,

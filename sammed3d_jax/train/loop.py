@@ -12,6 +12,7 @@ A SIGTERM (preemption) finishes the current step, saves, and exits cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +47,23 @@ class NonFiniteError(FloatingPointError):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
+    """SIGTERM as a decision, taken at the same step on every process, to save and stop.
+
+    One process: a Python signal handler sets a flag the loop reads after each step. Several
+    processes: each may get the signal at a different moment, and one that stops to save
+    while the others start the next step's collectives would hang them all; JAX's preemption
+    service (which then owns SIGTERM) agrees on the first step every process can still
+    reach, and `stop(step)` is true there on all of them.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self.synced = jax.process_count() > 1
 
     def __enter__(self):
+        if self.synced:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
@@ -61,6 +73,16 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
         log.warning("SIGTERM received: saving a checkpoint after this step and stopping")
+
+    def stop(self, step: int) -> bool:
+        """Whether to save and stop after `step`; call once per step on every process."""
+        if self.synced:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.requested = True
+                log.warning("preemption notice: saving a checkpoint at step %d and stopping", step)
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -120,11 +142,15 @@ def _initial_params(config, cfg: Sam3DConfig, abstract_state: nnx.State) -> tupl
     return host_init(nnx.to_pure_dict(abstract_state), config.seed), f"random (seed {config.seed})"
 
 
-def _global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+def _global_batch(
+    local: dict[str, np.ndarray], mesh, rules, batch_size: int
+) -> dict[str, jax.Array]:
     out = {}
     for key, ndim in (("image", 4), ("label", 4), ("sample_mask", 1)):
         arr = local[key]
-        out[key] = jax.make_array_from_process_local_data(sh.batch_sharding(mesh, ndim, rules), arr)
+        out[key] = jax.make_array_from_process_local_data(
+            sh.batch_sharding(mesh, ndim, rules), arr, (batch_size, *arr.shape[1:])
+        )
     return out
 
 
@@ -184,6 +210,7 @@ class Evaluator:
             num_workers=0,
         )
         self.data_cfg = data_config(data, crop_size, batch)
+        self.global_batch = self.data_cfg.eval_batch_size or self.data_cfg.batch_size
         self.max_items = int(v.max_items)
         self._ds = None
         self.mesh, self.rules = mesh, rules
@@ -200,12 +227,13 @@ class Evaluator:
 
     def __call__(self, state: TrainState, seed: int, png: Path | None) -> dict[str, float]:
         if self._ds is None:  # built once: its prepared-item cache lives across evaluations
-            self._ds = make_eval_dataset(self.data_cfg)
+            shard = sh.process_batch_shard(self.mesh, self.global_batch, self.rules)
+            self._ds = make_eval_dataset(self.data_cfg, *shard)
         ds = self._ds
         dice, seen, first = [], 0, None
         for batch in ds:
             local = _local_arrays(batch)
-            g = _global_batch(local, self.mesh, self.rules)
+            g = _global_batch(local, self.mesh, self.rules, self.global_batch)
             out = self.step(
                 (state.params, state.rest),
                 {"image": g["image"], "label": g["label"]},
@@ -279,22 +307,44 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_local_path(value: Any, name: str) -> None:
+    """Reject URLs (gs://, s3://, ...): paths are read and written with the file system."""
+    if value and "://" in str(value):
+        raise ValueError(
+            f"{name}={value}: URLs are not supported; mount the bucket (e.g. gcsfuse) and "
+            "give its local path"
+        )
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Reject values the loop cannot run with, naming the option (ValueError)."""
     for name in ("total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         value = config[name]
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    paths = {
+        "data.root": config.data.root,
+        "data.records": config.data.records,
+        "data.tfds_dir": config.data.get("tfds_dir"),
+        "val.root": config.val.root,
+        "val.records": config.val.records,
+        "init_from": config.init_from,
+    }
+    for name, value in paths.items():
+        check_local_path(value, name)
     clicks = tuple(config.val.clicks)
     if not clicks or any(not isinstance(c, int) or c < 1 for c in clicks):
         raise ValueError(f"val.clicks must be click counts >= 1, got {clicks!r}")
 
 
-# What a checkpoint's arrays depend on: changing any of these cannot resume a run.
+# What a checkpoint's arrays and its data position depend on: changing any of these
+# cannot resume a run (the position counts global batches of the seed's sample stream).
 _STRUCTURE = (
     ("optim", "accumulation_steps"),
     ("optim", "grad_clip_norm"),
     ("freeze_image_encoder",),
+    ("data", "batch_size"),
+    ("seed",),
 )
 
 
@@ -310,18 +360,40 @@ def _structure(config: Any) -> dict[str, Any]:
     return out
 
 
+def _saved_run_config(workdir: Path) -> tuple[dict, Path] | None:
+    """The config a workdir's checkpoints were saved with: from the newest checkpoint's
+    metadata (what its arrays follow), else ``config.json``; None without checkpoints."""
+    steps = workdir / "checkpoints"
+    numbered = sorted(
+        (int(p.name) for p in steps.iterdir() if p.name.isdigit()) if steps.is_dir() else (),
+        reverse=True,
+    )
+    if not numbered:
+        return None
+    for step in numbered:
+        meta = steps / str(step) / "meta" / "metadata"
+        try:
+            return dict(json.loads(meta.read_text())["config"]), meta
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unfinished or damaged: the restore decides about it
+    saved = workdir / "config.json"
+    if not saved.exists():
+        return None
+    try:
+        return dict(json.loads(saved.read_text())), saved
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{saved}: cannot read the saved run config: {e}") from e
+
+
 def check_resumable(workdir: Path, config: ml_collections.ConfigDict, cfg: Sam3DConfig) -> None:
     """Raise ValueError if ``workdir`` holds checkpoints that ``config`` cannot resume."""
-    saved = workdir / "config.json"
-    steps = workdir / "checkpoints"
-    if not saved.exists() or not steps.is_dir():
+    found = _saved_run_config(workdir)
+    if found is None:
         return
-    if not any(p.name.isdigit() for p in steps.iterdir()):
-        return
+    previous, saved = found
     try:
-        previous = json.loads(saved.read_text())
         previous_cfg = model_config(ml_collections.ConfigDict(previous))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{saved}: cannot read the saved run config: {e}") from e
     numerics = {f: getattr(cfg, f) for f in NUMERIC_FIELDS}
     diffs = [
@@ -341,6 +413,7 @@ def check_resumable(workdir: Path, config: ml_collections.ConfigDict, cfg: Sam3D
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Train (or resume) according to `config` in `workdir`; returns the last metrics."""
+    check_local_path(os.fspath(workdir), "--workdir")
     workdir = Path(workdir).absolute()
     check_config(config)
     cfg = model_config(config)
@@ -349,7 +422,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
     log.info(
         "jax %s, process %d/%d, %d devices (%d local): %s",
         jax.__version__,
@@ -405,6 +477,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             origin = f"checkpoint step {latest} (saved by {meta.get('process_count')} process(es))"
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
         log.info("weights: %s", origin)
+        if is_main:  # once the run is set up: a failed start leaves no config behind
+            _write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
         log.info(
             "per-device bytes: params %.1f MB, optimizer %.1f MB; total params %.1f MB",
             sh.nbytes_per_device(state.params) / 1e6,
@@ -427,11 +501,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         )
         evaluator = Evaluator(config, graphdef, mesh, rules, cfg.img_size, state_sh)
 
-        ds = make_train_dataset(data_cfg, config.seed, start_batch=start_batch)
+        shard = sh.process_batch_shard(mesh, data_cfg.batch_size, rules)
+        ds = make_train_dataset(data_cfg, config.seed, *shard, start_batch=start_batch)
         it = iter(ds)
         writer = MetricWriter(workdir, enabled=is_main)
-        if latest is not None:
-            writer.truncate_after(latest)
+        # Rows after the resumed step (or all rows when no checkpoint was reached) are
+        # written again by this run; a torn last line goes with them.
+        writer.truncate_after(latest if latest is not None else -1)
         rng = jax.random.key(config.seed)
         total = int(config.total_steps)
         step = int(jax.device_get(state.step))
@@ -464,14 +540,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             ev = evaluator(state, config.seed, None)
             writer.write(0, ev)
             log.info("step 0: %s", " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-        with _Preemption() as pre:
+        with _Preemption() as pre, _closing(ckpt, writer):
             while step < total:
                 if profile and step == profile[0] and is_main:
                     jax.profiler.start_trace(str(workdir / "profile"))
                 t0 = time.time()
                 local = _local_arrays(next(it))
                 wait += time.time() - t0
-                batch = _global_batch(local, mesh, rules)
+                batch = _global_batch(local, mesh, rules, data_cfg.batch_size)
                 state, metrics = step_fn(state, batch, rng)
                 step += 1
                 steps_since += 1
@@ -479,7 +555,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 if profile and step == profile[-1] and is_main:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
-                if step % config.log_every == 0 or step == total or pre.requested:
+                stop = pre.stop(step)
+                final = stop or step == total
+                # Metrics are checked before any save: a non-finite state is never written
+                # (it would push the last good checkpoint out of the kept ones).
+                if step % config.log_every == 0 or final or ckpt.due(step):
                     flush()
                     writer.write(step, last)
                     if pbar is None and is_main:
@@ -503,13 +583,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     jax.block_until_ready(pending[-1][1])
                 if pbar is not None:
                     pbar.update(1)
-                ckpt.save(
-                    step,
-                    state,
-                    {"batch_index": start_batch + step - step_at_start},
-                    {"config": json.loads(config.to_json_best_effort())},
-                    force=pre.requested or step == total,
-                )
+                position = {"batch_index": start_batch + step - step_at_start}
+                meta = {"config": json.loads(config.to_json_best_effort())}
+                saved = ckpt.save(step, state, position, meta, force=final)
                 if evaluator.enabled and (step % config.eval_every == 0 or step == total):
                     png = workdir / "predictions.png" if is_main else None
                     ev = evaluator(state, config.seed, png)
@@ -518,16 +594,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     log.info("step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
                     if is_main:
                         plot_curves(workdir)
+                if pre.requested and not pre.synced and not saved:
+                    # The signal came during the evaluation: save this step before stopping.
+                    saved = ckpt.save(step, state, position, meta, force=True)
                 if pre.requested:
                     log.warning("stopped at step %d after SIGTERM (checkpoint saved)", step)
                     break
-        ckpt.close()
         if pbar is not None:
             pbar.close()
         if is_main:
             plot_curves(workdir)
-        writer.close()
     return last
+
+
+@contextlib.contextmanager
+def _closing(ckpt: TrainCheckpointer, writer: MetricWriter) -> Iterator[None]:
+    """Finish pending (asynchronous) checkpoint writes and close the metric files on every
+    exit, errors included: an interrupted async save would otherwise stay half-written."""
+    try:
+        yield
+    finally:
+        try:
+            ckpt.close()
+        finally:
+            writer.close()
 
 
 def _progress(total: int, initial: int, enabled: bool):

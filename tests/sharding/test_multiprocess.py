@@ -64,15 +64,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_then_resume_with_one(tmp_path):
-    single = tmp_path / "single"
-    # The reference run uses the resumed run's 4 devices: the same compiled step.
-    proc = subprocess.run(
-        cmd(single, 4), cwd=REPO, env=env(4), capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    multi = tmp_path / "multi"
+def run_two_processes(workdir: Path, steps: int, *extra: str, devices: int) -> list[str]:
+    """train.py as two processes on localhost; asserts both exit 0, returns their stderr."""
     port = free_port()
     procs = [
         subprocess.Popen(
@@ -82,15 +75,16 @@ def test_two_processes_then_resume_with_one(tmp_path):
                 "10",
                 "600",
                 *cmd(
-                    multi,
-                    2,
+                    workdir,
+                    steps,
+                    *extra,
                     f"--coordinator_address=127.0.0.1:{port}",
                     "--num_processes=2",
                     f"--process_id={i}",
                 ),
             ],
             cwd=REPO,
-            env=env(4, compilation_cache=False),
+            env=env(devices, compilation_cache=False),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -100,6 +94,19 @@ def test_two_processes_then_resume_with_one(tmp_path):
     errs = [p.communicate(timeout=700)[1] for p in procs]
     for p, e in zip(procs, errs):
         assert p.returncode == 0, e[-3000:]
+    return errs
+
+
+def test_two_processes_then_resume_with_one(tmp_path):
+    single = tmp_path / "single"
+    # The reference run uses the resumed run's 4 devices: the same compiled step.
+    proc = subprocess.run(
+        cmd(single, 4), cwd=REPO, env=env(4), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    multi = tmp_path / "multi"
+    errs = run_two_processes(multi, 2, devices=4)
     assert "process 0/2" in errs[0] and "process 1/2" in errs[1]
     assert (multi / "checkpoints" / "2").is_dir()
 
@@ -144,22 +151,47 @@ def test_resume_on_fewer_devices(tmp_path, devices):
 def test_two_processes_with_one_device_each(tmp_path):
     """One local device per process (a 2-device mesh over 2 hosts) trains and checkpoints."""
     work = tmp_path / "one_each"
+    errs = run_two_processes(work, 2, devices=1)
+    assert "2 devices (1 local)" in errs[0]
+    assert (work / "checkpoints" / "2").is_dir()
+
+
+@pytest.mark.slow
+def test_batch_replicated_over_hosts_loads_the_same_samples(tmp_path):
+    """A tensor axis across two processes: both hold every batch row, so both must load the
+    same samples (the losses equal a one-process run of the same mesh)."""
+    mesh = ["--config.mesh.data=1", "--config.mesh.tensor=2", "--config.data.batch_size=4"]
+    single = tmp_path / "single"
+    proc = subprocess.run(
+        cmd(single, 2, *mesh), cwd=REPO, env=env(2), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    multi = tmp_path / "multi"
+    run_two_processes(multi, 2, *mesh, devices=1)
+    a, b = losses(single), losses(multi)
+    assert sorted(a) == sorted(b) == [1, 2]
+    np.testing.assert_allclose([b[1], b[2]], [a[1], a[2]], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path):
+    """Only one host gets the preemption notice: both save the same step and exit, instead
+    of one saving while the other waits in the next step's collectives."""
+    import signal
+    import time
+
+    work = tmp_path / "preempted"
     port = free_port()
     procs = [
         subprocess.Popen(
-            [
-                "timeout",
-                "-k",
-                "10",
-                "600",
-                *cmd(
-                    work,
-                    2,
-                    f"--coordinator_address=127.0.0.1:{port}",
-                    "--num_processes=2",
-                    f"--process_id={i}",
-                ),
-            ],
+            cmd(
+                work,
+                1000,
+                "--config.checkpoint_every=100",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
             cwd=REPO,
             env=env(1, compilation_cache=False),
             stdout=subprocess.DEVNULL,
@@ -168,8 +200,19 @@ def test_two_processes_with_one_device_each(tmp_path):
         )
         for i in range(2)
     ]
-    errs = [p.communicate(timeout=700)[1] for p in procs]
+    try:
+        end = time.time() + 600
+        while not ((work / "metrics.jsonl").exists() and losses(work)):
+            assert time.time() < end and all(p.poll() is None for p in procs)
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p, e in zip(procs, errs):
         assert p.returncode == 0, e[-3000:]
-    assert "2 devices (1 local)" in errs[0]
-    assert (work / "checkpoints" / "2").is_dir()
+    saved = sorted(int(d.name) for d in (work / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved and saved[-1] == max(losses(work)) < 1000
+    assert all("saving a checkpoint at step" in e for e in errs)

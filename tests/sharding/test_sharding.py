@@ -72,3 +72,20 @@ def test_batch_must_split_over_the_batch_axes():
     with pytest.raises(ValueError, match=r"data\.batch_size=4 does not split over the 6 devices"):
         sh.check_batch_divisible(mesh, 4, "data.batch_size")
     sh.check_batch_divisible(mesh, 4, "x", rules={"batch": "fsdp"})
+
+
+def test_batch_shard_from_rows():
+    assert sh.batch_shard_from_rows({(4, 6)}, 8) == (2, 4)
+    assert sh.batch_shard_from_rows({(0, 2), (2, 4)}, 8) == (0, 2)  # two local devices
+    assert sh.batch_shard_from_rows({(0, 8)}, 8) == (0, 1)  # batch replicated over hosts
+    with pytest.raises(ValueError, match="not one contiguous block"):
+        sh.batch_shard_from_rows({(0, 2), (4, 6)}, 8)
+    with pytest.raises(ValueError, match="do not tile"):
+        sh.batch_shard_from_rows({(2, 5)}, 9)
+
+
+def test_process_batch_shard_single_process():
+    """One process holds every row, whatever the mesh: it loads the whole batch."""
+    mesh = sh.make_mesh({"data": -1})
+    assert sh.process_batch_shard(mesh, 8) == (0, 1)
+    assert sh.process_batch_shard(mesh, 8, rules={"batch": "fsdp"}) == (0, 1)

@@ -98,7 +98,25 @@ def test_resume_with_another_architecture_is_refused(tmp_path):
     other.optim.grad_clip_norm = 0.0
     with pytest.raises(ValueError, match="grad_clip_norm: True -> False"):
         loop.check_resumable(tmp_path, other, loop.model_config(other))
+    other = cpu_demo.get_config()  # the saved data position counts global batches
+    other.data.batch_size = 2 * config.data.batch_size
+    other.seed = config.seed + 1
+    with pytest.raises(ValueError, match=r"data\.batch_size: \d+ -> \d+; seed"):
+        loop.check_resumable(tmp_path, other, loop.model_config(other))
     assert json.loads((tmp_path / "config.json").read_text())["model"]["variant"] == "tiny"
+
+
+def test_resume_check_reads_the_checkpoint_config(tmp_path):
+    """Without config.json the newest checkpoint's own record of its config decides."""
+    config = cpu_demo.get_config()
+    meta = tmp_path / "checkpoints" / "5" / "meta" / "metadata"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"config": json.loads(config.to_json_best_effort())}))
+    loop.check_resumable(tmp_path, config, loop.model_config(config))
+    other = cpu_demo.get_config()
+    other.model.variant = "small"
+    with pytest.raises(ValueError, match=r"model\.encoder_embed_dim"):
+        loop.check_resumable(tmp_path, other, loop.model_config(other))
 
 
 def test_tfds_source_is_settable():

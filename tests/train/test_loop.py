@@ -149,12 +149,71 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert saved and saved[-1] == max(losses(workdir))
 
 
+def test_sigterm_during_evaluation_still_saves(tmp_path):
+    """The signal arrives after the step's (skipped) save, while the evaluation runs."""
+    workdir = tmp_path / "preempted_in_eval"
+    val = REPO / "demo_data" / "val"
+    extra = [f"--config.val.root={val}", "--config.val.batch_size=2", "--config.eval_every=2"]
+    p = subprocess.Popen(
+        train_cmd(workdir, 1000, *extra, "--config.checkpoint_every=100"),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(workdir, 2, p)  # step 2's training row is written before its evaluation
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    saved = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved[-1] == max(losses(workdir)) >= 2, (saved, err[-2000:])
+
+
 def test_non_finite_loss_stops_with_step_and_metric(tmp_path):
     workdir = tmp_path / "nan"
-    proc = run(workdir, 20, "--config.optim.lr=1e30", "--config.optim.grad_clip_norm=0")
+    # Checkpoints every step, metrics logged every 5: a non-finite state is never saved.
+    proc = run(
+        workdir,
+        20,
+        "--config.optim.lr=1e30",
+        "--config.optim.grad_clip_norm=0",
+        "--config.checkpoint_every=1",
+        "--config.log_every=5",
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "non-finite" in proc.stderr and "train/" in proc.stderr
     assert "step " in proc.stderr.split("non-finite")[0].splitlines()[-1]
+    bad = int(proc.stderr.split("non-finite")[0].split("step ")[-1].split(":")[0])
+    saved = [int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit()]
+    assert all(s < bad for s in saved), (bad, saved)
+    for s in saved:
+        assert all(np.isfinite(v).all() for v in params_at(workdir, s).values())
+
+
+def test_rerun_without_checkpoint_rewrites_the_metrics(tmp_path):
+    """A run that died before its first checkpoint starts over: its old rows (and a torn
+    last line) are dropped, not appended to."""
+    workdir = tmp_path / "restart"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 123.0}\n{"step": 2, "tr')
+    proc = run(workdir, 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and rows[0]["train/loss"] != 123.0
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    for extra, workdir, message in (
+        ([f"--config.init_from={bad}"], tmp_path / "w1", f"{bad}: not a zip archive"),
+        ([], "gs://bucket/run", "--workdir=gs://bucket/run: URLs are not supported"),
+        (["--config.data.records=s3://b/shards"], tmp_path / "w3", "data.records=s3://b/shards"),
+    ):
+        proc = run(workdir, 1, *extra)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w1" / "config.json").exists()  # a failed start leaves no config
 
 
 def test_bad_config_value_is_a_clear_error(tmp_path):
