@@ -202,7 +202,8 @@ def main() -> None:
         ("raw", base, args.raw_batches),
         ("shards", shard_cfg, args.shard_batches),
     ):
-        for workers in (0, args.workers):
+        # In-process (num_workers=0) is the one-worker figure; N > 1 adds grain's workers.
+        for workers in (0, *([args.workers] if args.workers > 1 else [])):
             c = DataConfig(**{**cfg.__dict__, "num_workers": workers})
             runs[f"{name}_workers{max(1, workers)}"] = time_pipeline(c, args.warmup, n)
     if args.tfds:

@@ -17,6 +17,10 @@ On a GPU the times are the device's kernel times; on a CPU they are the host thu
     python benchmarks/profile_train_step.py --device cpu --batch 12 --memory-only
     python benchmarks/profile_train_step.py --device gpu --target encoder --batch 1 --by source
 
+On a GPU, run with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` (as
+``benchmarks/gpu_session.sh`` does): inside XLA's command buffers (CUDA graphs) kernels
+cannot be told apart and most of the time is attributed to the command buffers.
+
 ``--target encoder`` profiles the image encoder's forward pass alone, ``--target click`` one
 click (prompt encoder, mask decoder, upsampling to full resolution); ``--by source`` groups
 the op time by the innermost function of this project that produced each op (file:function)

@@ -29,7 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ENCODER_GFLOP_EXACT = 104.0  # per 128³ volume with the exact windowed attention
-ENCODER_GFLOP_PADDED = 367.0  # the original's padded windows
 
 
 def median_time(fn, repeats: int, sync=lambda out: out) -> float:
@@ -69,7 +68,20 @@ def device_info(jax_mod, torch_mod) -> dict[str, Any]:
     }
     if torch_mod.cuda.is_available():
         info["torch_device"] = torch_mod.cuda.get_device_name(0)
+    info["cpu_model"] = cpu_model()
+    info["torch_threads"] = torch_mod.get_num_threads()
     return info
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (what the CPU figures ran on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def with_config(ours, **changes):
@@ -97,14 +109,21 @@ def encoder_variants(ours, impls: list[str]) -> dict[str, Any]:
     return out
 
 
-def bench_encoder(variants, ref, batches, repeats, gpu, compile_batches) -> dict[str, float]:
+def bench_encoder(
+    variants, ref, batches, repeats, gpu, compile_batches, compile_modes=("default",)
+) -> dict[str, float]:
     import jax
     import torch
 
     from sammed3d_jax.model.sam import merge_flat
 
     out: dict[str, float] = {}
-    compiled = torch.compile(ref.image_encoder, dynamic=False) if compile_batches else None
+    compiled = {
+        mode: torch.compile(
+            ref.image_encoder, dynamic=False, mode=None if mode == "default" else mode
+        )
+        for mode in (compile_modes if compile_batches else ())
+    }
     impls = list(variants)
     fns = {}
     for impl, (flatdef, leaves) in variants.items():
@@ -152,17 +171,26 @@ def _encoder_batch(out, fns, impls, b, ref, repeats, gpu, compiled, compile_batc
         for impl, (encode, state) in fns.items()
     }
     timed["torch"] = (under_autocast(ref.image_encoder), torch_sync)
-    if compiled is not None and b in compile_batches:
-        timed["torch_compiled"] = (under_autocast(compiled), torch_sync)
+    if b in compile_batches:
+        for mode, fn in compiled.items():
+            timed[f"torch_compiled_{mode}"] = (under_autocast(fn), torch_sync)
     times = interleaved_medians(timed, repeats)
     for i, impl in enumerate(impls):
         key = f"encoder_b{b}" if i == 0 else f"encoder_{impl}_b{b}"
         out[f"{key}_ms"] = 1e3 * times[impl]
         out[f"{key}_volumes_per_sec"] = b / times[impl]
-    for side in ("torch", "torch_compiled"):
-        if side in times:
-            out[f"{side}_encoder_b{b}_ms"] = 1e3 * times[side]
-            out[f"{side}_encoder_b{b}_volumes_per_sec"] = b / times[side]
+    out[f"torch_encoder_b{b}_ms"] = 1e3 * times["torch"]
+    out[f"torch_encoder_b{b}_volumes_per_sec"] = b / times["torch"]
+    modes = [m for m in compiled if f"torch_compiled_{m}" in times]
+    for mode in modes:
+        out[f"torch_compiled_{mode.replace('-', '_')}_encoder_b{b}_ms"] = (
+            1e3 * times[f"torch_compiled_{mode}"]
+        )
+    if modes:  # the main compiled figure: the fastest mode
+        best = min(modes, key=lambda m: times[f"torch_compiled_{m}"])
+        out[f"torch_compiled_encoder_b{b}_ms"] = 1e3 * times[f"torch_compiled_{best}"]
+        out[f"torch_compiled_encoder_b{b}_volumes_per_sec"] = b / times[f"torch_compiled_{best}"]
+        out[f"torch_compiled_encoder_b{b}_mode"] = best
     tt = times["torch"]
     inputs.clear()
     if gpu:
@@ -249,13 +277,17 @@ def bench_click(ours, ref, repeats, gpu) -> dict[str, float]:
     return {"click_b1_ms": 1e3 * t, "torch_click_b1_ms": 1e3 * tt, "ratio_click_b1": t / tt}
 
 
-def bench_train(
-    ours, ref, batch, clicks, repeats, gpu, peak_flops, variants, report=lambda d: None
-) -> dict[str, float]:
-    """The original recipe's step (batch, 11 clicks, AdamW), PyTorch first so that its
-    memory is returned before ours is measured; each of our variants is a config change
-    ("cudnn", "einsum+remat", "cudnn+unroll", ...) timed on the same batch. `report` gets
-    the figures so far after each side, so a run cut short keeps them."""
+def bench_train(ours, ref, batch, clicks, repeats, gpu, variants, report=lambda d: None):
+    """The original recipe's step (batch, 11 clicks, AdamW, batch-pooled normalisation) on
+    both sides; each of our variants is a config change ("cudnn", "einsum+remat",
+    "cudnn+unroll", ...) timed on the same batch. Both sides train copies, so the later
+    sections still compare the same weights.
+
+    On CPU the sides are timed round-robin. On a GPU the original (~63 GiB at batch 12) runs
+    first and frees its memory before ours is compiled; `report` gets the figures so far
+    after each side, so a run cut short keeps them."""
+    import copy
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -273,8 +305,8 @@ def bench_train(
     out: dict[str, float] = {}
 
     dev = "cuda" if gpu else "cpu"
-    trainer = OriginalTrainStep(ref, num_clicks=clicks)
-    it, lt = torch.from_numpy(image).to(dev), torch.from_numpy(label).to(dev)
+    trainer = OriginalTrainStep(copy.deepcopy(ref), num_clicks=clicks)
+    tensors = {"image": torch.from_numpy(image).to(dev), "label": torch.from_numpy(label).to(dev)}
     if gpu:
         torch.cuda.reset_peak_memory_stats()
 
@@ -283,24 +315,33 @@ def bench_train(
             torch.cuda.synchronize()
         return o
 
-    tt = median_time(lambda: trainer(it, lt), repeats, sync)
-    out["torch_train_step_s"] = tt
-    out["torch_train_volumes_per_sec"] = batch / tt
+    def torch_step():
+        return trainer(tensors["image"], tensors["label"])
+
+    def torch_figures(tt: float) -> None:
+        out["torch_train_step_s"] = tt
+        out["torch_train_volumes_per_sec"] = batch / tt
+        print(f"[train] original: {tt * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+
     if gpu:
+        torch_figures(median_time(torch_step, repeats, sync))
         out["torch_train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        del trainer, it, lt
+        del trainer
+        tensors.clear()
         torch.cuda.empty_cache()
-    print(f"[train] original: {tt * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
-    report(out)
+        report(out)
 
     data = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
     key = jax.random.key(0)
-    for i, variant in enumerate(variants):
+    steps = {}
+    for variant in variants:
         impl, *flags = variant.split("+")
         unknown = set(flags) - {"remat", "unroll"}
         if unknown:
             raise ValueError(f"train variant {variant!r}: unknown flags {sorted(unknown)}")
-        train_cfg = TrainConfig(num_clicks=clicks, unroll_clicks="unroll" in flags)
+        train_cfg = TrainConfig(
+            num_clicks=clicks, unroll_clicks="unroll" in flags, normalization="batch"
+        )
         model = with_config(ours, attention_impl=impl, remat="remat" in flags)
         # A copy: the step donates its state, which must not delete `ours`' arrays.
         nnx.update(model, jax.tree.map(jnp.copy, nnx.state(ours)))
@@ -314,12 +355,9 @@ def bench_train(
             holder["state"], m = compiled(holder["state"], data, key)
             return m
 
-        t = median_time(run, repeats, jax.block_until_ready)
-        name = "train" if i == 0 else f"train_{variant.replace('+', '_')}"
-        out[f"{name}_step_s"] = t
-        out[f"{name}_volumes_per_sec"] = batch / t
-        out[f"{name}_mfu_encoder_fwd_bwd"] = 3 * ENCODER_GFLOP_EXACT * 1e9 * batch / t / peak_flops
+        steps[variant] = run
         mem = compiled.memory_analysis()
+        name = _train_name(variant, variants)
         if mem is not None:
             total = (
                 mem.temp_size_in_bytes
@@ -328,9 +366,18 @@ def bench_train(
                 - mem.alias_size_in_bytes
             )
             out[f"{name}_compiled_gib"] = total / 2**30
-        del holder, compiled, state
-        print(f"[train] {variant}: {t * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
-        report(out)
+        if gpu:  # one variant at a time: each holds its own state and optimizer
+            _train_figures(out, name, median_time(run, repeats, jax.block_until_ready), batch)
+            del steps[variant], holder, compiled, state, run
+            print(f"[train] {variant}: {out[f'{name}_step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
+            report(out)
+    if not gpu:
+        timed = {"torch": (torch_step, sync)}
+        timed.update({v: (fn, jax.block_until_ready) for v, fn in steps.items()})
+        times = interleaved_medians(timed, repeats)
+        torch_figures(times["torch"])
+        for variant in variants:
+            _train_figures(out, _train_name(variant, variants), times[variant], batch)
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["train_process_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
@@ -340,6 +387,16 @@ def bench_train(
         out["train_volumes_per_sec"] / out["torch_train_volumes_per_sec"]
     )
     return out
+
+
+def _train_name(variant: str, variants: list[str]) -> str:
+    """Key prefix of a training variant: "train" for the first, else train_<variant>."""
+    return "train" if variant == variants[0] else f"train_{variant.replace('+', '_')}"
+
+
+def _train_figures(out: dict, name: str, t: float, batch: int) -> None:
+    out[f"{name}_step_s"] = t
+    out[f"{name}_volumes_per_sec"] = batch / t
 
 
 def bench_pipeline() -> dict[str, float]:
@@ -367,12 +424,15 @@ def measure_matmul_peak(dtype_name: str) -> float:
     import jax
     import jax.numpy as jnp
 
-    n = 8192 if jax.devices()[0].platform == "gpu" else 1536
+    # GPU: a large square product; CPU: the shape of the encoder's MLP at batch 8.
+    m, k, n = (8192,) * 3 if jax.devices()[0].platform == "gpu" else (4096, 768, 3072)
     dtype = jnp.dtype(dtype_name)
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)  # never time on constant data
-    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
-    t = median_time(lambda: f(a), 5, jax.block_until_ready)
-    return 2 * n**3 / t
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (m, k), dtype)  # never time on constant data
+    b = jax.random.normal(kb, (k, n), dtype)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    t = median_time(lambda: f(a, b), 5, jax.block_until_ready)
+    return 2 * m * k * n / t
 
 
 def main(argv=None) -> int:
@@ -386,6 +446,12 @@ def main(argv=None) -> int:
         "--skip", default="", help="comma list of: encoder,accuracy,click,train,pipeline"
     )
     parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+    parser.add_argument(
+        "--torch-compile-modes",
+        default="default",
+        help="torch.compile modes to time, e.g. default,reduce-overhead (CUDA graphs); the "
+        "compiled figures are the fastest mode's",
+    )
     parser.add_argument(
         "--torch-compile-batches", default=None, help="batches to torch.compile (default: all)"
     )
@@ -463,7 +529,6 @@ def main(argv=None) -> int:
 
     if "train" not in skip:
         train_batch = args.train_batch or (12 if gpu else 1)
-        ref.train()
         section(
             "train",
             lambda: bench_train(
@@ -471,14 +536,12 @@ def main(argv=None) -> int:
                 ref,
                 train_batch,
                 args.clicks,
-                max(repeats // 3, 2),
+                max(repeats // 3, 2) if gpu else max(repeats // 2, 3),
                 gpu,
-                peak,
                 train_variants,
                 report=save,
             ),
         )
-        ref.eval()
         result["train_batch"] = train_batch
         result["train_clicks"] = args.clicks
         result["train_variants"] = train_variants
@@ -488,16 +551,21 @@ def main(argv=None) -> int:
     if "encoder" not in skip:
         section(
             "encoder",
-            lambda: bench_encoder(variants, ref, batches, repeats, gpu, compile_batches),
+            lambda: bench_encoder(
+                variants,
+                ref,
+                batches,
+                repeats,
+                gpu,
+                compile_batches,
+                args.torch_compile_modes.split(","),
+            ),
         )
         enc_keys = [b for b in batches if f"encoder_b{b}_volumes_per_sec" in result]
         if enc_keys:
             best = max(enc_keys, key=lambda b: result[f"encoder_b{b}_volumes_per_sec"])
             result["encoder_best_batch"] = best
             result["encoder_best_volumes_per_sec"] = result[f"encoder_b{best}_volumes_per_sec"]
-            result["encoder_mfu_best"] = (
-                ENCODER_GFLOP_EXACT * 1e9 * result["encoder_best_volumes_per_sec"] / peak
-            )
             tc = [
                 result[f"torch_compiled_encoder_b{b}_volumes_per_sec"]
                 for b in batches
@@ -515,6 +583,18 @@ def main(argv=None) -> int:
         section("accuracy", lambda: encoder_accuracy(variants, split_flat(fp32)))
     if "pipeline" not in skip and (REPO.parent / "shared" / "data").is_dir():
         result.update(bench_pipeline())
+    # Utilisation against the fastest matmul rate seen in the run (measured before and after
+    # the timed sections, so a slow spell at the start does not inflate it).
+    peak = max(peak, measure_matmul_peak(dtype))
+    result["matmul_peak_tflops_measured"] = peak / 1e12
+    if "encoder_best_volumes_per_sec" in result:
+        vps = result["encoder_best_volumes_per_sec"]
+        result["encoder_mfu_best"] = ENCODER_GFLOP_EXACT * 1e9 * vps / peak
+    for variant in train_variants if "train" not in skip else ():
+        name = _train_name(variant, train_variants)
+        if f"{name}_volumes_per_sec" in result:
+            vps = result[f"{name}_volumes_per_sec"]
+            result[f"{name}_mfu_encoder_fwd_bwd"] = 3 * ENCODER_GFLOP_EXACT * 1e9 * vps / peak
     line = json.dumps(result, sort_keys=True)
     if args.out:
         args.out.write_text(line + "\n")
