@@ -23,13 +23,26 @@ DECODER_LN_EPS = 1e-5
 
 
 class DownscaleAttention(nnx.Module):
-    """Attention with q/k/v projected to `embedding_dim // downsample_rate` channels."""
+    """Attention with q/k/v projected to `embedding_dim // downsample_rate` channels.
+
+    Cross-attention between a few prompt tokens and the many image tokens does not project
+    the image side: the few tokens' per-head query (or key and value) vectors are mapped
+    back through the projection weights into the C input channels instead, which needs
+    ``H * T_few * C`` multiply-adds per image token rather than two ``C * (C / rate)``
+    projections (fewer when ``H * T_few < C / rate``). Same arithmetic, regrouped:
+
+        few queries: q_h . (x W_k,h + b_k,h) = (q_h W_k,h^T) . x + const  (cancels in softmax)
+                     P_h (x W_v,h + b_v,h)   = (P_h x) W_v,h + b_v,h       (rows of P sum to 1)
+        few keys:    (x W_q,h + b_q,h) . k_h = x . (W_q,h k_h^T) + b_q,h . k_h
+                     [P_h v_h]_h W_o + b_o   = sum_h P_h (v_h W_o,h) + b_o
+    """
 
     def __init__(
         self, dim: int, num_heads: int, downsample_rate: int, *, dtype: jnp.dtype, rngs: nnx.Rngs
     ):
         internal = dim // downsample_rate
         self.num_heads = num_heads
+        self.internal = internal
         self.dtype = dtype
         axes = ("embed_prompt", "heads_prompt")
         self.q_proj = linear(dim, internal, axes=axes, dtype=dtype, rngs=rngs)
@@ -39,20 +52,68 @@ class DownscaleAttention(nnx.Module):
 
     def __call__(self, q: Array, k: Array, v: Array, key_mask: Array | None = None) -> Array:
         """q (B, Tq, C), k/v (B, Tk, C), key_mask (B, Tk) bool -> (B, Tq, C)."""
-        b, tq, _ = q.shape
-        tk = k.shape[1]
+        tq, tk = q.shape[1], k.shape[1]
+        if tk > tq and self.num_heads * tq < self.internal:
+            return self._few_queries(q, k, v, key_mask)
+        if tq > tk and self.num_heads * tk < self.internal:
+            return self._few_keys(q, k, v, key_mask)
+        return self._projected(q, k, v, key_mask)
+
+    def _projected(self, q: Array, k: Array, v: Array, key_mask: Array | None) -> Array:
+        """The original's arithmetic: project q, k and v, attend, project the output."""
+        b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
         q = self.q_proj(q.astype(self.dtype)).reshape(b, tq, self.num_heads, -1)
         k = self.k_proj(k.astype(self.dtype)).reshape(b, tk, self.num_heads, -1)
         v = self.v_proj(v.astype(self.dtype)).reshape(b, tk, self.num_heads, -1)
-        head_dim = q.shape[-1]
         logits = jnp.einsum("bqke,bske->bkqs", q, k, preferred_element_type=F32).astype(F32)
         # The original divides after the product (the encoder scales q before it).
-        logits = logits / np.float32(np.sqrt(head_dim))
-        if key_mask is not None:
-            logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
-        probs = jax.nn.softmax(logits, axis=-1)
+        probs = self._softmax(logits / self._sqrt_head_dim(), key_mask)
         out = jnp.einsum("bkqs,bske->bqke", probs.astype(self.dtype), v)
         return self.out_proj(out.reshape(b, tq, -1)).astype(F32)
+
+    def _sqrt_head_dim(self) -> np.float32:
+        return np.float32(np.sqrt(self.internal // self.num_heads))
+
+    def _heads(self, w: nnx.Param) -> Array:
+        """An input projection's kernel (C, I) as (C, H, E), in the compute dtype."""
+        return w[...].reshape(w.shape[0], self.num_heads, -1).astype(self.dtype)
+
+    @staticmethod
+    def _softmax(logits: Array, key_mask: Array | None) -> Array:
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
+        return jax.nn.softmax(logits, axis=-1)
+
+    def _few_queries(self, q: Array, k: Array, v: Array, key_mask: Array | None) -> Array:
+        b, tq, _ = q.shape
+        dt = self.dtype
+        qh = self.q_proj(q.astype(dt)).reshape(b, tq, self.num_heads, -1)
+        q_in = jnp.einsum("bqhe,che->bhqc", qh, self._heads(self.k_proj.kernel))
+        q_in = (q_in / self._sqrt_head_dim()).astype(dt)
+        logits = jnp.einsum("bhqc,bsc->bhqs", q_in, k.astype(dt), preferred_element_type=F32)
+        probs = self._softmax(logits.astype(F32), key_mask)
+        pv = jnp.einsum("bhqs,bsc->bhqc", probs.astype(dt), v.astype(dt))
+        out = jnp.einsum("bhqc,che->bqhe", pv, self._heads(self.v_proj.kernel))
+        out = out + self.v_proj.bias[...].reshape(self.num_heads, -1).astype(dt)
+        return self.out_proj(out.reshape(b, tq, -1)).astype(F32)
+
+    def _few_keys(self, q: Array, k: Array, v: Array, key_mask: Array | None) -> Array:
+        b, tk, _ = k.shape
+        dt = self.dtype
+        kh = self.k_proj(k.astype(dt)).reshape(b, tk, self.num_heads, -1)
+        vh = self.v_proj(v.astype(dt)).reshape(b, tk, self.num_heads, -1)
+        k_in = jnp.einsum("bshe,che->bhcs", kh, self._heads(self.q_proj.kernel))
+        k_in = (k_in / self._sqrt_head_dim()).astype(dt)
+        b_q = self.q_proj.bias[...].reshape(self.num_heads, -1).astype(dt)
+        shift = jnp.einsum("he,bshe->bhs", b_q, kh, preferred_element_type=F32)
+        logits = jnp.einsum("bqc,bhcs->bhqs", q.astype(dt), k_in, preferred_element_type=F32)
+        logits = logits.astype(F32) + (shift / self._sqrt_head_dim())[:, :, None, :]
+        probs = self._softmax(logits, key_mask)
+        w_o = self.out_proj.kernel[...]
+        w_o = w_o.reshape(self.num_heads, -1, w_o.shape[-1]).astype(dt)  # (H, E, C)
+        v_out = jnp.einsum("bshe,hec->bhsc", vh, w_o)
+        out = jnp.einsum("bhqs,bhsc->bqc", probs.astype(dt), v_out)
+        return (out + self.out_proj.bias[...].astype(dt)).astype(F32)
 
 
 class TwoWayAttentionBlock3D(nnx.Module):

@@ -59,7 +59,8 @@ class _Preemption:
     def __init__(self):
         self.requested = False
         self._previous = None
-        self.synced = jax.process_count() > 1
+        # (with the service switched off, each process falls back to its own handler)
+        self.synced = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
 
     def __enter__(self):
         if self.synced:
