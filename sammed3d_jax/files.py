@@ -10,6 +10,15 @@ from pathlib import Path
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (setting and
+    restoring it would briefly apply to files other threads create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

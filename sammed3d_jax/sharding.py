@@ -184,22 +184,26 @@ def check_batch_divisible(mesh: Mesh, batch_size: int, name: str, rules: Any = N
         )
 
 
-def batch_shard_from_rows(rows: set[tuple[int, int]], batch_size: int) -> tuple[int, int]:
-    """(shard index, shard count) of the batch rows ``[start, stop)`` a process holds.
+def batch_shard_from_rows(
+    rows_by_process: Mapping[int, set[tuple[int, int]]], process: int, batch_size: int
+) -> tuple[int, int]:
+    """(shard index, shard count) of `process`, from the batch rows ``[start, stop)`` each
+    process's devices hold.
 
-    The rows must form one contiguous block whose size divides the batch; processes with
-    the same block (the batch axes do not span them) load the same samples.
+    Processes holding the same rows (the batch axes do not span them) form one shard and
+    load the same samples; the shards, ordered by their first row, must partition the batch
+    into equal parts. A shard's rows need not be adjacent (on TPU pods the device mesh
+    interleaves hosts): JAX fills them with the process's samples in ascending order.
     """
-    lo, hi = min(r[0] for r in rows), max(r[1] for r in rows)
-    if sum(stop - start for start, stop in rows) != hi - lo:
+    groups = sorted({frozenset(r) for r in rows_by_process.values()}, key=min)
+    covered = sorted(row for g in groups for start, stop in g for row in range(start, stop))
+    sizes = {sum(stop - start for start, stop in g) for g in groups}
+    if covered != list(range(batch_size)) or len(sizes) != 1:
         raise ValueError(
-            f"this process holds batch rows {sorted(rows)}, not one contiguous block: "
-            "order the mesh so each host's devices are adjacent on the batch axes"
+            f"the processes' batch rows {[sorted(g) for g in groups]} do not split a batch of "
+            f"{batch_size} into equal parts"
         )
-    local = hi - lo
-    if batch_size % local or lo % local:
-        raise ValueError(f"batch rows [{lo}, {hi}) do not tile a batch of {batch_size}")
-    return lo // local, batch_size // local
+    return groups.index(frozenset(rows_by_process[process])), len(groups)
 
 
 def process_batch_shard(mesh: Mesh, batch_size: int, rules: Any = None) -> tuple[int, int]:
@@ -211,15 +215,13 @@ def process_batch_shard(mesh: Mesh, batch_size: int, rules: Any = None) -> tuple
     them different ones.
     """
     sharding = batch_sharding(mesh, 1, rules)
+    rows: dict[int, set[tuple[int, int]]] = {}
+    for dev, idx in sharding.devices_indices_map((batch_size,)).items():
+        rows.setdefault(dev.process_index, set()).add(tuple(idx[0].indices(batch_size)[:2]))
     me = jax.process_index()
-    rows = {
-        idx[0].indices(batch_size)[:2]
-        for dev, idx in sharding.devices_indices_map((batch_size,)).items()
-        if dev.process_index == me
-    }
-    if not rows:
+    if me not in rows:
         raise ValueError(f"process {me} holds no device of the mesh {dict(mesh.shape)}")
-    return batch_shard_from_rows(rows, batch_size)
+    return batch_shard_from_rows(rows, me, batch_size)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -142,6 +142,8 @@ def prepare_tfds(data_cfg: Any, data_dir: str | os.PathLike) -> str:
         "index_params": data_cfg.index_params(),
         "root": _root_name(data_cfg),
     }
+    if "root" not in stored:  # folders written before the source folder was recorded
+        del wanted["root"]
     diffs = [
         f"{k}: {stored.get(k)!r} (wanted {v!r})" for k, v in wanted.items() if stored.get(k) != v
     ]

@@ -596,7 +596,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     if is_main:
                         plot_curves(workdir)
                 if pre.requested and not pre.synced and not saved:
-                    # The signal came during the evaluation: save this step before stopping.
+                    # The signal came during the evaluation: save this step before stopping,
+                    # its metrics checked and written first as for any save.
+                    if pending:
+                        flush()
+                        writer.write(step, last)
                     saved = ckpt.save(step, state, position, meta, force=True)
                 if pre.requested:
                     log.warning("stopped at step %d after SIGTERM (checkpoint saved)", step)

@@ -75,13 +75,17 @@ def test_batch_must_split_over_the_batch_axes():
 
 
 def test_batch_shard_from_rows():
-    assert sh.batch_shard_from_rows({(4, 6)}, 8) == (2, 4)
-    assert sh.batch_shard_from_rows({(0, 2), (2, 4)}, 8) == (0, 2)  # two local devices
-    assert sh.batch_shard_from_rows({(0, 8)}, 8) == (0, 1)  # batch replicated over hosts
-    with pytest.raises(ValueError, match="not one contiguous block"):
-        sh.batch_shard_from_rows({(0, 2), (4, 6)}, 8)
-    with pytest.raises(ValueError, match="do not tile"):
-        sh.batch_shard_from_rows({(2, 5)}, 9)
+    f = sh.batch_shard_from_rows
+    assert f({0: {(0, 2), (2, 4)}, 1: {(4, 6), (6, 8)}}, 1, 8) == (1, 2)
+    assert f({0: {(0, 8)}, 1: {(0, 8)}}, 1, 8) == (0, 1)  # batch replicated over hosts
+    # Hosts interleaved along the batch axis (TPU pods): rows 0, 2 and 1, 3.
+    interleaved = {0: {(0, 1), (2, 3)}, 1: {(1, 2), (3, 4)}}
+    assert [f(interleaved, p, 4) for p in (0, 1)] == [(0, 2), (1, 2)]
+    # Two hosts share each half (a tensor axis across hosts).
+    shared = {0: {(0, 2)}, 1: {(0, 2)}, 2: {(2, 4)}, 3: {(2, 4)}}
+    assert [f(shared, p, 4) for p in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    with pytest.raises(ValueError, match="do not split a batch of 8"):
+        f({0: {(0, 2)}, 1: {(2, 8)}}, 0, 8)  # unequal parts
 
 
 def test_process_batch_shard_single_process():
