@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu_session.sh                         # all steps; OUT defaults to ./gpu_out
 #   STEPS="train encoder" bash benchmarks/gpu_session.sh   # a subset, in the order given
+#   STEPS=encoder ATTENTION=cudnn,cudnn+tanh BATCHES=1,32 bash benchmarks/gpu_session.sh
+#                                   # variants side by side (see run.py --attention)
 #
 # Python packages the GPU image lacks travel as wheels in .whl/ (see BENCHMARKS.md).
 # Each step has its own time limit and writes its output as it goes, so a step cut short
@@ -57,18 +59,19 @@ for s in $STEPS; do
     encoder_profile) for b in ${PROFILE_BATCHES:-1 32}; do
         XLA_FLAGS="$NO_CMD_BUFFERS" step "encoder_profile_b$b" 40 \
           python3 benchmarks/profile_train_step.py --device gpu --target encoder --by source \
-          --batch "$b" --attention cudnn --repeats 5 --top 20
+          --batch "$b" --attention cudnn --repeats 5 --top 20 ${PROFILE_ARGS:-}
       done ;;
     encoder) bench encoder "${ENCODER_LIMIT:-200}" --skip train,click,pipeline \
-      --batches 1,16,64 --attention cudnn --torch-compile --torch-compile-batches 1,16 \
+      --batches "${BATCHES:-1,16,64}" --attention "${ATTENTION:-cudnn}" --torch-compile \
+      --torch-compile-batches "${COMPILE_BATCHES:-1,16}" \
       --torch-compile-modes "${COMPILE_MODES:-default,reduce-overhead}" ;;
     # Training, click and encoder in one process (one start-up): the short session.
     quick) bench quick "${QUICK_LIMIT:-330}" --skip accuracy,pipeline --train-batch 12 \
       --train-variants "${TRAIN_VARIANTS:-cudnn}" --batches "${BATCHES:-1,32}" \
-      --attention cudnn --torch-compile --torch-compile-batches "${COMPILE_BATCHES:-1}" \
+      --attention "${ATTENTION:-cudnn}" --torch-compile --torch-compile-batches "${COMPILE_BATCHES:-1}" \
       --torch-compile-modes "${COMPILE_MODES:-default,reduce-overhead}" ;;
     tests) step tests 60 python3 -m pytest -q -p no:cacheprovider \
-      tests/model/test_attention_impl.py -k "cudnn and odd_tokens" ;;
+      tests/model/test_attention_impl.py -k "${TESTS_K:-cudnn and odd_tokens}" ;;
     *) echo "unknown step $s" >&2 ;;
   esac
 done

@@ -10,7 +10,7 @@ converted from the PyTorch model's state dict). Warm-up (compilation) is exclude
 is the median of repeated runs. The last line printed is one JSON object with a stable key per
 figure for both sides (`encoder_b1_ms` / `torch_encoder_b1_ms`, ...) and their ratios.
 Main keys are for the first `--attention` / `--train-variants` entry; the others appear as
-`encoder_<impl>_b<B>_ms` and `train_<variant>_*`.
+`encoder_<variant>_b<B>_ms` and `train_<variant>_*` ('+' written '_': `encoder_cudnn_tanh_b1_ms`).
 """
 
 from __future__ import annotations
@@ -96,16 +96,45 @@ def with_config(ours, **changes):
     return model
 
 
-def encoder_variants(ours, impls: list[str]) -> dict[str, Any]:
-    """The same weights under each attention implementation, as `split_flat` pairs."""
+# Variant flags that change the model's numerics (see Sam3DConfig), and the training ones.
+MODEL_FLAGS = {"tanh": {"gelu": "tanh"}, "keys8": {"fused_key_multiple": 8}}
+TRAIN_FLAGS = ("remat", "unroll")
+
+
+def parse_variant(variant: str, train: bool = False) -> tuple[dict[str, Any], set[str]]:
+    """'IMPL[+flag...]' -> (model config changes, training flags). Model flags: tanh (GELU's
+    tanh form), keys8 (fused key counts a multiple of 8); training flags: remat (encoder
+    rematerialisation), unroll (unrolled click loop)."""
+    impl, *flags = variant.split("+")
+    changes: dict[str, Any] = {"attention_impl": impl}
+    train_flags = set()
+    for flag in flags:
+        if flag in MODEL_FLAGS:
+            changes.update(MODEL_FLAGS[flag])
+        elif train and flag in TRAIN_FLAGS:
+            train_flags.add(flag)
+            if flag == "remat":
+                changes["remat"] = True
+        else:
+            known = sorted(MODEL_FLAGS) + (list(TRAIN_FLAGS) if train else [])
+            raise ValueError(f"variant {variant!r}: unknown flag {flag!r} (known: {known})")
+    return changes, train_flags
+
+
+def variant_key(variant: str) -> str:
+    return variant.replace("+", "_")
+
+
+def encoder_variants(ours, variants: list[str]) -> dict[str, Any]:
+    """The same weights under each variant ('cudnn', 'cudnn+tanh', ...), as `split_flat`
+    pairs."""
     from sammed3d_jax.model.sam import split_flat
 
     out = {}
-    for impl in impls:
-        model = (
-            ours if impl == ours.config.attention_impl else with_config(ours, attention_impl=impl)
-        )
-        out[impl] = split_flat(model)
+    for variant in variants:
+        changes, _ = parse_variant(variant)
+        same = all(getattr(ours.config, k) == v for k, v in changes.items())
+        out[variant] = split_flat(ours if same else with_config(ours, **changes))
     return out
 
 
@@ -176,7 +205,7 @@ def _encoder_batch(out, fns, impls, b, ref, repeats, gpu, compiled, compile_batc
             timed[f"torch_compiled_{mode}"] = (under_autocast(fn), torch_sync)
     times = interleaved_medians(timed, repeats)
     for i, impl in enumerate(impls):
-        key = f"encoder_b{b}" if i == 0 else f"encoder_{impl}_b{b}"
+        key = f"encoder_b{b}" if i == 0 else f"encoder_{variant_key(impl)}_b{b}"
         out[f"{key}_ms"] = 1e3 * times[impl]
         out[f"{key}_volumes_per_sec"] = b / times[impl]
     out[f"torch_encoder_b{b}_ms"] = 1e3 * times["torch"]
@@ -218,7 +247,7 @@ def encoder_accuracy(variants, ours_fp32_state, batch: int = 1) -> dict[str, flo
     for impl, (flatdef, leaves) in variants.items():
         emb = jax.jit(lambda s, x, g=flatdef: merge_flat(g, s).encode(x))(leaves, x)
         err = float(jnp.max(jnp.abs(emb.astype(jnp.float32) - ref))) / scale
-        out[f"accuracy_encoder_{impl}_max_rel_vs_fp32"] = err
+        out[f"accuracy_encoder_{variant_key(impl)}_max_rel_vs_fp32"] = err
     return out
 
 
@@ -335,14 +364,11 @@ def bench_train(ours, ref, batch, clicks, repeats, gpu, variants, report=lambda 
     key = jax.random.key(0)
     steps = {}
     for variant in variants:
-        impl, *flags = variant.split("+")
-        unknown = set(flags) - {"remat", "unroll"}
-        if unknown:
-            raise ValueError(f"train variant {variant!r}: unknown flags {sorted(unknown)}")
+        changes, flags = parse_variant(variant, train=True)
         train_cfg = TrainConfig(
             num_clicks=clicks, unroll_clicks="unroll" in flags, normalization="batch"
         )
-        model = with_config(ours, attention_impl=impl, remat="remat" in flags)
+        model = with_config(ours, **changes)
         # A copy: the step donates its state, which must not delete `ours`' arrays.
         nnx.update(model, jax.tree.map(jnp.copy, nnx.state(ours)))
         tx = make_optimizer(model, OptimConfig())
@@ -391,7 +417,7 @@ def bench_train(ours, ref, batch, clicks, repeats, gpu, variants, report=lambda 
 
 def _train_name(variant: str, variants: list[str]) -> str:
     """Key prefix of a training variant: "train" for the first, else train_<variant>."""
-    return "train" if variant == variants[0] else f"train_{variant.replace('+', '_')}"
+    return "train" if variant == variants[0] else f"train_{variant_key(variant)}"
 
 
 def _train_figures(out: dict, name: str, t: float, batch: int) -> None:
@@ -458,14 +484,15 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--attention",
         default=None,
-        help="encoder attention implementations to time, first = main keys "
+        help="encoder variants IMPL[+tanh][+keys8] to time (attention implementation, "
+        "GELU's tanh form, fused key counts a multiple of 8), first = main keys "
         "(default: cudnn,einsum on GPU, einsum on CPU)",
     )
     parser.add_argument(
         "--train-variants",
         default=None,
-        help="training variants IMPL[+remat][+unroll] (encoder remat, unrolled click loop), "
-        "first = main keys (default: first --attention)",
+        help="training variants IMPL[+remat][+unroll][+tanh][+keys8] (encoder remat, "
+        "unrolled click loop, as --attention), first = main keys (default: first --attention)",
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -497,7 +524,15 @@ def main(argv=None) -> int:
     train_variants = (args.train_variants or impls[0]).split(",")
     ref = build_medim("cuda" if gpu else "cpu").eval()
     sd = {k: v.detach().cpu().numpy() for k, v in ref.state_dict().items()}
-    ours, _ = model_from_state_dict(sd, dtype=dtype, attention_impl=impls[0])
+    try:  # a typo fails here, not after minutes of timing
+        for v in impls:
+            parse_variant(v)
+        for v in train_variants:
+            parse_variant(v, train=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ours, _ = model_from_state_dict(sd, dtype=dtype, **parse_variant(impls[0])[0])
     batches = [int(b) for b in (args.batches or ("1,4,12,32,64" if gpu else "1,2")).split(",")]
     compile_batches = set()
     if args.torch_compile:

@@ -46,6 +46,32 @@ def _gelu_bwd(x: Array, g: Array) -> tuple[Array]:
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
+_TANH_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_vjp
+def gelu_tanh(x: Array) -> Array:
+    """GELU's tanh approximation (`nn.GELU(approximate="tanh")`); the backward pass, like
+    :func:`gelu`'s, keeps only the input."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_fwd(x: Array) -> tuple[Array, Array]:
+    return jax.nn.gelu(x, approximate=True), x
+
+
+def _gelu_tanh_bwd(x: Array, g: Array) -> tuple[Array]:
+    xf = x.astype(jnp.float32)
+    # With s = sigmoid(2u) = (1 + tanh u) / 2, 1 - tanh² u = 4 s (1 - s): no cancellation in
+    # the tails, where tanh rounds to ±1.
+    s = jax.nn.sigmoid(2.0 * _TANH_C * (xf + 0.044715 * xf**3))
+    slope = s + 2.0 * xf * s * (1.0 - s) * _TANH_C * (1.0 + 3 * 0.044715 * xf * xf)
+    return ((g.astype(jnp.float32) * slope).astype(g.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+ACTIVATIONS = {"gelu": gelu, "gelu_tanh": gelu_tanh, "relu": jax.nn.relu}
+
 
 @jax.custom_vjp
 def materialize_cotangent(x: Array) -> Array:
@@ -214,7 +240,10 @@ class Embedding(nnx.Module):
 
 
 class MLPBlock(nnx.Module):
-    """lin1 -> activation -> lin2 (the encoder MLP uses GELU, the decoder MLP ReLU)."""
+    """lin1 -> activation -> lin2 (the encoder MLP uses GELU, the decoder MLP ReLU).
+
+    act: a key of `ACTIVATIONS`.
+    """
 
     def __init__(
         self,
@@ -228,12 +257,12 @@ class MLPBlock(nnx.Module):
     ):
         self.lin1 = linear(dim, hidden, axes=axes, dtype=dtype, rngs=rngs)
         self.lin2 = linear(hidden, dim, axes=(axes[1], axes[0]), dtype=dtype, rngs=rngs)
+        if act not in ACTIVATIONS:
+            raise ValueError(f"MLPBlock: unknown activation {act!r}; known: {sorted(ACTIVATIONS)}")
         self.act = act
 
     def __call__(self, x: Array) -> Array:
-        h = self.lin1(x)
-        h = gelu(h) if self.act == "gelu" else jax.nn.relu(h)
-        return self.lin2(h)
+        return self.lin2(ACTIVATIONS[self.act](self.lin1(x)))
 
 
 class MLP(nnx.Module):

@@ -18,9 +18,12 @@ import jax.numpy as jnp
 WindowAttention = Literal["exact", "padded"]
 AttentionImpl = Literal["auto", "einsum", "xla", "cudnn"]
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+GeluForm = Literal["exact", "tanh"]
 # Fields that change how the model computes, never which parameters it has: they may be
 # overridden when loading a checkpoint.
-NUMERIC_FIELDS = ("dtype", "window_attention", "attention_impl", "remat")
+NUMERIC_FIELDS = (
+    "dtype", "window_attention", "attention_impl", "remat", "gelu", "fused_key_multiple"
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,12 @@ class Sam3DConfig:
         (bfloat16/float16 on an NVIDIA GPU of compute capability >= 8.0; measured faster,
         BENCHMARKS.md), else "einsum".
       remat: rematerialise each encoder block in the backward pass.
+      gelu: the encoder MLP's activation. "exact" (erf), as the original; "tanh": its tanh
+        approximation (within 5e-4 of it everywhere, a thirtieth of a bfloat16 rounding step
+        where they differ most), which GPU matmuls can apply in their epilogue.
+      fused_key_multiple: with "xla"/"cudnn" attention, the few extra keys that carry a
+        partly padded window's padded weight (at least 3) make the key count a multiple of
+        this, so every bias row starts at an aligned address (cuDNN needs it even).
     """
 
     img_size: int = 128
@@ -81,6 +90,8 @@ class Sam3DConfig:
     window_attention: WindowAttention = "exact"
     attention_impl: AttentionImpl = "auto"
     remat: bool = False
+    gelu: GeluForm = "exact"
+    fused_key_multiple: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -139,6 +150,13 @@ class Sam3DConfig:
             )
         elif self.attention_impl == "cudnn" and self.dtype == "float32":
             problems.append("attention_impl 'cudnn' needs dtype bfloat16 or float16")
+        if self.gelu not in ("exact", "tanh"):
+            problems.append(f"gelu {self.gelu!r} is not 'exact' or 'tanh'")
+        k = self.fused_key_multiple
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
+            problems.append(f"fused_key_multiple {self.fused_key_multiple!r} is not in 1..64")
+        elif self.attention_impl == "cudnn" and self.fused_key_multiple % 2:
+            problems.append("attention_impl 'cudnn' needs an even fused_key_multiple")
         if problems:
             raise ValueError("invalid Sam3DConfig: " + "; ".join(problems))
 

@@ -22,6 +22,7 @@ from sammed3d_jax.convert.verify import build_reference  # noqa: E402
 from sammed3d_jax.model.common import (  # noqa: E402
     ConvTranspose3dK2,
     gelu,
+    gelu_tanh,
     upsample_linear_axis,
     upsample_logits,
 )
@@ -266,3 +267,23 @@ def test_gelu_gradient_matches_pytorch():
     gb = jax.grad(lambda v: jnp.sum(gelu(v).astype(jnp.float32)))(xb)
     assert gb.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(gb, np.float32), xt.grad.numpy(), atol=2e-2)
+
+
+def test_gelu_tanh_matches_pytorch():
+    """`gelu="tanh"`: values and gradient = PyTorch's `approximate="tanh"` GELU, and within
+    5e-4 of the exact one."""
+    x = np.concatenate(
+        [np.linspace(-9, 9, 2001), np.random.default_rng(11).standard_normal(999) * 3]
+    ).astype(np.float32)
+    xt = t(x).requires_grad_(True)
+    yt = torch.nn.functional.gelu(xt, approximate="tanh")
+    yt.sum().backward()
+    g = jax.grad(lambda v: jnp.sum(gelu_tanh(v)))(jnp.asarray(x))
+    np.testing.assert_allclose(
+        np.asarray(gelu_tanh(jnp.asarray(x))), yt.detach().numpy(), atol=1e-6
+    )
+    # atol: in the far negative tail PyTorch's tanh rounds to -1 and its gradient to 0
+    # where ours (sigmoid form) keeps the ~1e-6 value.
+    np.testing.assert_allclose(np.asarray(g), xt.grad.numpy(), rtol=1e-5, atol=5e-6)
+    exact = np.asarray(gelu(jnp.asarray(x)))
+    assert np.abs(np.asarray(gelu_tanh(jnp.asarray(x))) - exact).max() < 5e-4
