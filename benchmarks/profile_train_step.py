@@ -186,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--clicks", type=int, default=11)
     p.add_argument("--attention", default="auto", help="attention_impl of the model")
-    p.add_argument("--gelu", choices=["exact", "tanh"], default="exact", help="encoder GELU form")
-    p.add_argument(
-        "--fused-key-multiple", type=int, default=2, help="fused attention key-count multiple"
-    )
+    p.add_argument("--gelu", choices=["auto", "exact", "tanh"], default="auto", help="GELU form")
     p.add_argument("--unroll", action="store_true", help="unroll the click loop")
     p.add_argument("--remat", action="store_true", help="rematerialise the encoder blocks")
     p.add_argument("--repeats", type=int, default=3)
@@ -217,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
         attention_impl=args.attention,
         remat=args.remat,
         gelu=args.gelu,
-        fused_key_multiple=args.fused_key_multiple,
         dtype="bfloat16" if args.device == "gpu" else "float32",
     )
     model = build_sam3d(cfg)

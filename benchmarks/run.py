@@ -97,14 +97,14 @@ def with_config(ours, **changes):
 
 
 # Variant flags that change the model's numerics (see Sam3DConfig), and the training ones.
-MODEL_FLAGS = {"tanh": {"gelu": "tanh"}, "keys8": {"fused_key_multiple": 8}}
+MODEL_FLAGS = {"tanh": {"gelu": "tanh"}, "exact": {"gelu": "exact"}}
 TRAIN_FLAGS = ("remat", "unroll")
 
 
 def parse_variant(variant: str, train: bool = False) -> tuple[dict[str, Any], set[str]]:
-    """'IMPL[+flag...]' -> (model config changes, training flags). Model flags: tanh (GELU's
-    tanh form), keys8 (fused key counts a multiple of 8); training flags: remat (encoder
-    rematerialisation), unroll (unrolled click loop)."""
+    """'IMPL[+flag...]' -> (model config changes, training flags). Model flags: exact / tanh
+    (the encoder GELU's form; default "auto": tanh in bfloat16); training flags: remat
+    (encoder rematerialisation), unroll (unrolled click loop)."""
     impl, *flags = variant.split("+")
     changes: dict[str, Any] = {"attention_impl": impl}
     train_flags = set()
@@ -484,14 +484,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--attention",
         default=None,
-        help="encoder variants IMPL[+tanh][+keys8] to time (attention implementation, "
-        "GELU's tanh form, fused key counts a multiple of 8), first = main keys "
+        help="encoder variants IMPL[+exact|+tanh] to time (attention implementation, GELU "
+        "form; default: tanh in bfloat16), first = main keys "
         "(default: cudnn,einsum on GPU, einsum on CPU)",
     )
     parser.add_argument(
         "--train-variants",
         default=None,
-        help="training variants IMPL[+remat][+unroll][+tanh][+keys8] (encoder remat, "
+        help="training variants IMPL[+remat][+unroll][+exact|+tanh] (encoder remat, "
         "unrolled click loop, as --attention), first = main keys (default: first --attention)",
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")

@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
             remat=False,
             window_attention="exact",
             attention_impl="auto",  # cuDNN fused attention on NVIDIA GPUs in bf16
+            gelu="auto",  # encoder GELU: tanh form in bf16, exact (erf) in float32
         )
     )
     c.init_from = ""  # converted checkpoint dir or .pth (fine-tuning); "" = from scratch

@@ -23,13 +23,8 @@ def test_interleaved_medians_runs_round_robin_after_one_warm_up_each():
 
 def test_variants_name_config_changes():
     assert parse_variant("cudnn") == ({"attention_impl": "cudnn"}, set())
-    changes, flags = parse_variant("cudnn+tanh+keys8+unroll+remat", train=True)
-    assert changes == {
-        "attention_impl": "cudnn",
-        "gelu": "tanh",
-        "fused_key_multiple": 8,
-        "remat": True,
-    }
+    changes, flags = parse_variant("cudnn+exact+unroll+remat", train=True)
+    assert changes == {"attention_impl": "cudnn", "gelu": "exact", "remat": True}
     assert flags == {"unroll", "remat"}
     assert variant_key("cudnn+tanh") == "cudnn_tanh"
     with pytest.raises(ValueError, match="unknown flag 'unroll'"):

@@ -18,12 +18,10 @@ import jax.numpy as jnp
 WindowAttention = Literal["exact", "padded"]
 AttentionImpl = Literal["auto", "einsum", "xla", "cudnn"]
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
-GeluForm = Literal["exact", "tanh"]
+GeluForm = Literal["auto", "exact", "tanh"]
 # Fields that change how the model computes, never which parameters it has: they may be
 # overridden when loading a checkpoint.
-NUMERIC_FIELDS = (
-    "dtype", "window_attention", "attention_impl", "remat", "gelu", "fused_key_multiple"
-)  # fmt: skip
+NUMERIC_FIELDS = ("dtype", "window_attention", "attention_impl", "remat", "gelu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +55,9 @@ class Sam3DConfig:
         BENCHMARKS.md), else "einsum".
       remat: rematerialise each encoder block in the backward pass.
       gelu: the encoder MLP's activation. "exact" (erf), as the original; "tanh": its tanh
-        approximation (within 5e-4 of it everywhere, a thirtieth of a bfloat16 rounding step
-        where they differ most), which GPU matmuls can apply in their epilogue.
-      fused_key_multiple: with "xla"/"cudnn" attention, the few extra keys that carry a
-        partly padded window's padded weight (at least 3) make the key count a multiple of
-        this, so every bias row starts at an aligned address (cuDNN needs it even).
+        approximation, within 5e-4 of it everywhere (a thirtieth of a bfloat16 rounding
+        step where they differ most) and a third of its cost on a GPU; "auto" (default):
+        "tanh" in bfloat16/float16, where rounding dwarfs the difference, "exact" in float32.
     """
 
     img_size: int = 128
@@ -90,8 +86,7 @@ class Sam3DConfig:
     window_attention: WindowAttention = "exact"
     attention_impl: AttentionImpl = "auto"
     remat: bool = False
-    gelu: GeluForm = "exact"
-    fused_key_multiple: int = 2
+    gelu: GeluForm = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -150,13 +145,8 @@ class Sam3DConfig:
             )
         elif self.attention_impl == "cudnn" and self.dtype == "float32":
             problems.append("attention_impl 'cudnn' needs dtype bfloat16 or float16")
-        if self.gelu not in ("exact", "tanh"):
-            problems.append(f"gelu {self.gelu!r} is not 'exact' or 'tanh'")
-        k = self.fused_key_multiple
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
-            problems.append(f"fused_key_multiple {self.fused_key_multiple!r} is not in 1..64")
-        elif self.attention_impl == "cudnn" and self.fused_key_multiple % 2:
-            problems.append("attention_impl 'cudnn' needs an even fused_key_multiple")
+        if self.gelu not in ("auto", "exact", "tanh"):
+            problems.append(f"gelu {self.gelu!r} is not one of auto, exact, tanh")
         if problems:
             raise ValueError("invalid Sam3DConfig: " + "; ".join(problems))
 
@@ -173,6 +163,13 @@ class Sam3DConfig:
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
+
+    @property
+    def gelu_form(self) -> str:
+        """The encoder GELU actually computed: "exact" or "tanh" ("auto" resolved)."""
+        if self.gelu != "auto":
+            return self.gelu
+        return "exact" if self.dtype == "float32" else "tanh"
 
     def is_windowed(self, block: int) -> bool:
         return self.window_size > 0 and block not in self.encoder_global_attn_indexes

@@ -31,8 +31,8 @@ for `vit_b_ori`).
 Kernels. `attention_impl="einsum"` writes the logits out and applies a float32 softmax (the
 reference). "xla" and "cudnn" hand queries, keys, values and the bias to
 `jax.nn.dot_product_attention` (cuDNN's fused kernel on NVIDIA GPUs); there the padded keys'
-closed-form weight enters as a few extra keys (at least three, as many as make the key count
-a multiple of `fused_key_multiple`: even, as cuDNN needs) of value b_v whose bias logits split it, so a bfloat16 bias keeps it
+closed-form weight enters as three or four extra keys (whichever makes the key count even,
+as cuDNN needs) of value b_v whose bias logits split it, so a bfloat16 bias keeps it
 accurate. "auto" (default) picks "cudnn" for bfloat16/float16 on an NVIDIA GPU and "einsum"
 otherwise.
 """
@@ -167,7 +167,6 @@ class Attention(nnx.Module):
         self.proj = linear(dim, dim, axes=("heads", "embed"), dtype=self.dtype, rngs=rngs)
         self.use_rel_pos = cfg.use_rel_pos
         self.attention_impl = cfg.attention_impl
-        self.fused_key_multiple = cfg.fused_key_multiple
         self.input_size = input_size
         if self.use_rel_pos:
             shape = (2 * input_size - 1, self.head_dim)
@@ -330,7 +329,7 @@ class Attention(nnx.Module):
             bias = terms.bias(d, h, w).reshape(b, heads, n, n)
         if window is not None and (d, h, w) != (window,) * 3:
             p = self._padding_logit(q, (d, h, w), window, terms)
-            parts = _split_logit(p, dt, parts=padding_key_count(n, self.fused_key_multiple))
+            parts = _split_logit(p, dt, parts=padding_key_count(n))
             if bias is None:
                 bias = jnp.zeros((b, heads, n, n), F32)
             bias = jnp.concatenate([bias] + [t[..., None] for t in parts], axis=-1)
@@ -427,13 +426,13 @@ _NEGLIGIBLE = -60.0  # log of a weight fraction too small to matter (e^-60 ~ 1e-
 _EXCLUDED = -1.0e4  # bias of filler keys: zero weight next to any real logit
 
 
-def padding_key_count(real_keys: int, multiple: int = 2) -> int:
-    """How many keys carry a partly padded window's padded weight in the fused path: the
-    fewest, at least 3, that make the key count a multiple of `multiple`. cuDNN's backward
-    pass needs even lengths; padding the keys afterwards would copy the whole
-    (B, K, n, n + extra) bias once more per block (10 % of the encoder's time at batch 32 on
-    an H200)."""
-    return 3 + (-(real_keys + 3)) % multiple
+def padding_key_count(real_keys: int) -> int:
+    """How many keys carry a partly padded window's padded weight in the fused path: 3 or 4,
+    whichever makes the key count even. cuDNN's backward pass needs even lengths; padding the
+    keys afterwards would copy the whole (B, K, n, n + extra) bias once more per block (10 %
+    of the encoder's time at batch 32 on an H200). Eight keys (a key count that is a multiple
+    of 8) made that bias's assembly slower, not faster (BENCHMARKS.md)."""
+    return 3 + (real_keys + 3) % 2
 
 
 def _split_logit(p: Array, dtype: jnp.dtype, parts: int = 3) -> list[Array]:
@@ -546,7 +545,7 @@ class Block3D(nnx.Module):
         self.mlp = MLPBlock(
             dim,
             int(dim * cfg.mlp_ratio),
-            act="gelu" if cfg.gelu == "exact" else "gelu_tanh",
+            act="gelu" if cfg.gelu_form == "exact" else "gelu_tanh",
             dtype=cfg.compute_dtype,
             rngs=rngs,
         )

@@ -4,7 +4,7 @@ computes the same encoder as the explicit einsum path.
 In float32 the two agree to rounding, forward and backward, on grids with one padded window,
 several partial windows, no padding, and without relative positions or qkv bias. In bfloat16
 the fused path is as close to the float32 reference as the einsum path is. The padded keys'
-summed weight travels as a few bias logits (`_split_logit`); its accuracy is checked directly.
+summed weight travels as three or four bias logits (`_split_logit`); its accuracy is checked directly.
 """
 
 from __future__ import annotations
@@ -92,10 +92,7 @@ def test_fused_equals_einsum_float32(case):
     with jax.default_matmul_precision("highest"):
         ref = encode(enc, x)
         out = encode(with_numerics(enc, attention_impl="xla"), x)
-        # Key counts padded to a multiple of 8: the padded weight split over more keys.
-        aligned = encode(with_numerics(enc, attention_impl="xla", fused_key_multiple=8), x)
     assert rel(out, ref) < 1e-5
-    assert rel(aligned, ref) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -138,33 +135,18 @@ def test_fused_bfloat16_as_accurate_as_einsum(case):
 def test_padding_keys_make_even_key_counts():
     # vit_b_ori: 512 real keys + 4 -> 516, so cuDNN needs no padded copy of the bias.
     assert padding_key_count(512) == 4
-    assert padding_key_count(512, 8) == 8
-    for multiple in (1, 2, 8, 16):
-        for n in range(1, 100):
-            extra = padding_key_count(n, multiple)
-            assert 3 <= extra < 3 + multiple
-            assert (n + extra) % multiple == 0
+    for n in range(1, 100):
+        assert padding_key_count(n) in (3, 4)
+        assert (n + padding_key_count(n)) % 2 == 0
 
 
-def test_numeric_field_validation():
-    with pytest.raises(ValueError, match="fused_key_multiple 0"):
-        Sam3DConfig(fused_key_multiple=0)
-    with pytest.raises(ValueError, match="needs an even fused_key_multiple"):
-        Sam3DConfig(dtype="bfloat16", attention_impl="cudnn", fused_key_multiple=3)
-    with pytest.raises(ValueError, match="gelu 'fast'"):
-        Sam3DConfig(gelu="fast")
-
-
-@pytest.mark.parametrize("multiple", [2, 8])
 @pytest.mark.parametrize("window, grid", [(14, 8), (6, 4), (6, 3)])
-def test_cudnn_operands_have_even_lengths_without_padding_vit_b_windows(window, grid, multiple):
+def test_cudnn_operands_have_even_lengths_without_padding_vit_b_windows(window, grid):
     """What cuDNN receives (traced on any backend): even query and key counts, and for an
     even real-token count (vit_b_ori: 8³ in a 14³ window) no padded copy of the bias."""
     from sammed3d_jax.model.image_encoder import Attention
 
-    cfg = Sam3DConfig.from_variant(
-        "vit_b_ori", dtype="bfloat16", attention_impl="cudnn", fused_key_multiple=multiple
-    )
+    cfg = Sam3DConfig.from_variant("vit_b_ori", dtype="bfloat16", attention_impl="cudnn")
     attn = nnx.eval_shape(lambda: Attention(cfg, window, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(attn)
     shape = (2, cfg.encoder_num_heads, grid, grid, grid, 64)
@@ -180,14 +162,13 @@ def test_cudnn_operands_have_even_lengths_without_padding_vit_b_windows(window, 
     assert bias.shape == (2, cfg.encoder_num_heads, qs.shape[1], ks.shape[1])
     prims = {e.primitive.name for e in jax.make_jaxpr(operands)(state, q, k, v).eqns}
     if n % 2 == 0:
-        assert (qs.shape[1], ks.shape[1]) == (n, n + padding_key_count(n, multiple))
-        assert ks.shape[1] % multiple == 0
+        assert (qs.shape[1], ks.shape[1]) == (n, n + padding_key_count(n))
         assert "pad" not in prims
     else:
         assert qs.shape[1] == n + 1
 
 
-@pytest.mark.parametrize("n_parts", [3, 4, 8])
+@pytest.mark.parametrize("n_parts", [3, 4])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_split_logit_keeps_the_padding_weight(dtype, n_parts):
     # Logits of the size the padded keys reach (log of ~2,000 keys plus bias terms).
@@ -209,6 +190,15 @@ def test_split_logit_keeps_the_padding_weight(dtype, n_parts):
     )
     x = jnp.float32(3.3)
     assert abs(float(grad(x)) / float(jnp.exp(x)) - 1.0) < 1e-3
+
+
+def test_gelu_form_resolution():
+    assert Sam3DConfig().gelu_form == "exact"  # float32: the original's exact GELU
+    assert Sam3DConfig(dtype="bfloat16").gelu_form == "tanh"
+    assert Sam3DConfig(dtype="bfloat16", gelu="exact").gelu_form == "exact"
+    assert Sam3DConfig(gelu="tanh").gelu_form == "tanh"
+    with pytest.raises(ValueError, match="gelu 'fast'"):
+        Sam3DConfig(gelu="fast")
 
 
 def test_attention_impl_validation():
@@ -234,9 +224,8 @@ def test_cudnn_off_gpu_is_a_clear_error():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a GPU")
-@pytest.mark.parametrize("multiple", [2, 8])
 @pytest.mark.parametrize("case", ["one_padded_window", "partial_windows", "odd_tokens"])
-def test_cudnn_as_accurate_as_einsum(case, multiple):
+def test_cudnn_as_accurate_as_einsum(case):
     """Forward and backward through cuDNN (bias gradient included) in bfloat16."""
     img, window, extra = CASES[case]
     enc = random_encoder(small_cfg(img, window, **extra), seed=11)
@@ -248,9 +237,7 @@ def test_cudnn_as_accurate_as_einsum(case, multiple):
     with jax.default_matmul_precision("highest"):
         ref, ref_g = encode(enc, x), grads(enc)
     einsum = with_numerics(enc, dtype="bfloat16", attention_impl="einsum")
-    cudnn = with_numerics(
-        enc, dtype="bfloat16", attention_impl="cudnn", fused_key_multiple=multiple
-    )
+    cudnn = with_numerics(enc, dtype="bfloat16", attention_impl="cudnn")
     assert rel(encode(cudnn, x), ref) < 1.5 * rel(encode(einsum, x), ref) + 1e-3
     g_einsum, g_cudnn = grads(einsum), grads(cudnn)
     flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref_g))
