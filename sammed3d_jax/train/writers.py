@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,23 +35,43 @@ class MetricWriter:
         self.workdir = Path(workdir)
         self.enabled = enabled
         self._tb = None
+        self._tensorboard = tensorboard
+        self._purge_step: int | None = None
         self._file = None
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.workdir / METRICS_FILE, "a", buffering=1)
-        if tensorboard:
+
+    def _tb_writer(self):
+        """The TensorBoard writer, opened at the first scalar (after any `truncate_after`)."""
+        if self._tb is None and self._tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=30)
             except ImportError:  # TensorBoard output is optional
-                self._tb = None
+                self._tensorboard = False
+                return None
+            # purge_step: TensorBoard hides the earlier event files' points from this step
+            # on, i.e. what a run that died after its last checkpoint had logged.
+            # A unique suffix: event files are named by the second and the host, and a
+            # restart within the same second would otherwise overwrite the previous file.
+            self._tb = SummaryWriter(
+                str(self.workdir / "tensorboard"),
+                flush_secs=30,
+                purge_step=self._purge_step,
+                filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}",
+            )
+        return self._tb
 
     def truncate_after(self, step: int) -> None:
-        """Drop logged lines with `step` greater than the given step (used on resume)."""
+        """Drop logged lines with `step` greater than the given step (used on resume); in
+        TensorBoard, points of earlier runs after `step` are hidden."""
         if not self.enabled:
             return
+        self._purge_step = step + 1 if step >= 0 else 0
+        if self._tb is not None:  # reopened at the next scalar, with the purge step
+            self._tb.close()
+            self._tb = None
         path = self.workdir / METRICS_FILE
         self._file.close()
         kept = []
@@ -72,10 +93,11 @@ class MetricWriter:
         for k, v in metrics.items():
             row[k] = _to_python(v)
         self._file.write(json.dumps(row, allow_nan=True) + "\n")
-        if self._tb is not None:
+        tb = self._tb_writer()
+        if tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, int(step))
+                    tb.add_scalar(k, v, int(step))
 
     def close(self) -> None:
         if self._file is not None:
