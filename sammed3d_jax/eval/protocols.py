@@ -36,7 +36,9 @@ challenge's initial bounding-box step is left out)
       outside the ROI is recorded with ``in_roi = false`` and not given to the model (it
       still counts as an interaction); the class's prediction comes from its clicks inside
       the ROI. Negative clicks are always inside the current ROI when they are made, because
-      the prediction only exists there.
+      the prediction only exists there. An ROI that cannot be z-normalised (fewer than two
+      voxels > 0) gives no prediction: the class keeps its previous one (empty at first),
+      with a note, as in ``sammed3d``; the other classes and the case still count.
     * Metrics per step: per-class DSC, and NSD at 2 mm in the label's spacing; the image-level
       DSC is the mean over the classes, the image-level NSD the mean of the per-class NSDs
       (0 for an empty prediction) when the image-level DSC is > 0.2 and 0 otherwise
@@ -69,6 +71,7 @@ from sammed3d_jax.inference.predictor import (
     NoClickInRoiError,
     Prediction,
     Predictor,
+    RoiNormalizationError,
     SamEngine,
 )
 
@@ -399,7 +402,9 @@ def run_cvpr25(
                 predictor.reset()
             try:
                 pred = predictor.predict(np.asarray(pts[c]), np.asarray(labs[c]), previous[c])
-            except NoClickInRoiError as exc:
+            except (NoClickInRoiError, RoiNormalizationError) as exc:
+                # As the sammed3d protocol does for such an ROI, the class keeps its
+                # previous (at first: empty) prediction instead of failing the whole case.
                 results[c].notes.append(f"step {k}: {exc}; prediction kept")
                 pred = None
             t_predict += time.perf_counter() - t0

@@ -375,7 +375,7 @@ def build_summary(
         }
     summary["failed"] = failed
     summary["warnings"] = notes
-    summary["num_cases"] = len(records)
+    summary["num_cases"] = len(ok) + len(failed)  # files skipped by the scan count as failed
     summary["num_ok"] = len(ok)
     summary["num_failed"] = len(failed)
     summary["timings"] = {
@@ -466,12 +466,49 @@ class RunStats:
     summary: dict[str, Any]
 
 
+_CLASS_KEYS = ("dice", "nsd", "dice_final", "nsd_final")
+_IMAGE_LEVEL_KEYS = ("dsc", "nsd", "dsc_auc", "nsd_auc", "dsc_final", "nsd_final")
+
+
+def _record_problem(record: Any) -> str | None:
+    """What a case file lacks that the summary reads (None when complete)."""
+    if not isinstance(record, dict) or "status" not in record:
+        return "no status"
+    missing = [k for k in ("case", "image", "label") if k not in record]
+    if record["status"] != "ok":
+        missing += [] if "error" in record else ["error"]
+        return f"missing {missing}" if missing else None
+    classes = record.get("classes")
+    if not isinstance(classes, dict):
+        return "no classes"
+    for cid, res in classes.items():
+        if not isinstance(res, dict) or any(k not in res for k in _CLASS_KEYS):
+            return f"class {cid} lacks one of {list(_CLASS_KEYS)}"
+        if not isinstance(res["dice"], list) or not isinstance(res["nsd"], list):
+            return f"class {cid}: dice/nsd are not lists"
+    protocol = (record.get("fingerprint") or {}).get("protocol")
+    if protocol == "cvpr25":
+        level = record.get("image_level")
+        if not isinstance(level, dict) or any(k not in level for k in _IMAGE_LEVEL_KEYS):
+            return f"image_level lacks one of {list(_IMAGE_LEVEL_KEYS)}"
+    return f"missing {missing}" if missing else None
+
+
 def _load_record(path: Path) -> dict[str, Any] | None:
+    """A finished case's record, or None (not there, unreadable or incomplete: the case is
+    computed again; an incomplete file is reported)."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and "status" in record else None
+    problem = _record_problem(record)
+    if problem is not None:
+        print(
+            f"warning: {path}: incomplete case file ({problem}); computing it again",
+            file=sys.stderr,
+        )
+        return None
+    return record
 
 
 def evaluate_dataset(
@@ -575,9 +612,14 @@ def evaluate_dataset(
             and "prediction" in record
             and not (out_dir / record["prediction"]).exists()
         )
+        same_files = record is not None and (record["image"], record["label"]) == (
+            str(case.image_path),
+            None if case.label_path is None else str(case.label_path),
+        )
         if (
             record is not None
             and not lost
+            and same_files
             and record.get("fingerprint") == fingerprint
             and (record["status"] == "ok" or not retry_failed)
         ):

@@ -73,6 +73,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "PredictorError",
+    "RoiNormalizationError",
     "SamEngine",
     "TiledPrediction",
     "check_clicks",
@@ -96,6 +97,10 @@ class PredictorError(ValueError):
 
 class NoClickInRoiError(PredictorError):
     """None of the clicks lies inside the ROI chosen for them (they span more than ``S``)."""
+
+
+class RoiNormalizationError(PredictorError):
+    """The ROI has fewer than two voxels > 0, so its z-normalisation is undefined."""
 
 
 def trace_counts() -> dict[str, int]:
@@ -474,7 +479,7 @@ class Predictor:
         try:
             roi, _, _ = znormalize(raw)
         except ValueError as exc:
-            raise PredictorError(
+            raise RoiNormalizationError(
                 f"{self.image.path or '<image>'}: cannot normalise the {self.crop_size}^3 ROI "
                 f"at canonical start {list(key)}: {exc}"
             ) from exc

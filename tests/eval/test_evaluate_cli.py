@@ -156,7 +156,7 @@ def test_cli_with_converted_checkpoint_and_sammed3d_layout(
     assert len(set(keys)) == 2 and all("t2" in k for k in keys)
 
 
-def test_resume(fixture_dataset, golden_model, tmp_path, fixtures_dir):
+def test_resume(fixture_dataset, golden_model, tmp_path, fixtures_dir, capsys):
     data = tmp_path / "data"
     data.mkdir()
     os.symlink(fixture_dataset, data / "Dataset001_Cord")
@@ -189,6 +189,21 @@ def test_resume(fixture_dataset, golden_model, tmp_path, fixtures_dir):
         assert redone[key] == kept[key]  # deterministic: same clicks and metrics
     summary = json.loads((out / "summary.json").read_text())
     assert [r["case"] for r in summary["metric_per_case"]] == ["cord_a", "cord_b", "cord_c"]
+
+    # A case file missing what the summary reads (older schema, edited by hand) is
+    # reported and computed again instead of breaking the summary.
+    broken = json.loads((out / "cases" / "cord_c.json").read_text())
+    del broken["classes"][next(iter(broken["classes"]))]["dice_final"]
+    (out / "cases" / "cord_c.json").write_text(json.dumps(broken))
+    fixed = evaluate_dataset(data, CKPT, out, **kwargs)
+    assert fixed.computed == ["cord_c"]
+    assert "incomplete case file" in capsys.readouterr().err
+    # A case file of other image/label files (the dataset changed under the same key) is
+    # not reused either.
+    moved = json.loads((out / "cases" / "cord_a.json").read_text())
+    moved["image"] = moved["image"] + ".old"
+    (out / "cases" / "cord_a.json").write_text(json.dumps(moved))
+    assert evaluate_dataset(data, CKPT, out, **kwargs).computed == ["cord_a"]
 
     # The model is not even needed once everything is done.
     final = (out / "summary.json").read_bytes()
@@ -278,6 +293,8 @@ def test_bad_cases_are_recorded_and_the_run_goes_on(fixture_dataset, golden_mode
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert sum(r["status"] == "failed" for r in rows) == len(expected)
     assert stats.summary["num_failed"] == len(expected)
+    # The label without an image is a failed case of the scan: the counts add up.
+    assert stats.summary["num_cases"] == stats.summary["num_ok"] + stats.summary["num_failed"]
     retry = evaluate_dataset(
         root, CKPT, out, num_clicks=1, progress=False, model=golden_model, retry_failed=True
     )

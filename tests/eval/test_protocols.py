@@ -399,3 +399,24 @@ def test_sammed3d_class_without_positive_voxels_gets_empty_predictions(golden_en
         assert list(result.classes[2].clicks[k].point_roi) == point.tolist()
     with pytest.raises(ValueError, match="at least 2 voxels"):
         preprocess_case(image, label, [2], crop_size=s)
+
+
+def test_cvpr25_class_without_positive_voxels_keeps_an_empty_prediction(golden_engine):
+    """cvpr25: an ROI that cannot be z-normalised leaves that class's prediction empty (with
+    a note) instead of failing the whole case; the other class is predicted as usual."""
+    s = golden_engine.crop_size
+    img = np.full((3 * s, s, s), -1000, np.int16)
+    lab = np.zeros(img.shape, np.uint8)
+    rng = np.random.default_rng(0)
+    img[5 : s - 5, 5 : s - 5, 5 : s - 5] = 40 + rng.integers(0, 20, (s - 10,) * 3)
+    lab[s // 4 : s // 2, s // 4 : s // 2, s // 4 : s // 2] = 1
+    img[2 * s + 5 : 3 * s - 5, 5 : s - 5, 5 : s - 5] = -800
+    lab[2 * s + s // 4 : 2 * s + s // 2, s // 4 : s // 2, s // 4 : s // 2] = 2
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    result = run_cvpr25(golden_engine, Volume(img, affine), Volume(lab, affine), [1, 2], 2)
+    assert result.classes[2].dice == [0.0, 0.0]
+    assert len(result.classes[2].notes) == 2
+    assert all("cannot normalise" in n for n in result.classes[2].notes)
+    assert [c.in_roi for c in result.classes[2].clicks] == [False, False]
+    assert len(result.classes[1].dice) == 2 and result.classes[1].clicks[0].in_roi
+    assert not (result.final_prediction == 2).any()
