@@ -30,7 +30,7 @@ challenge's initial bounding-box step is left out)
     * The model sees only the clicks: no ground truth is used for cropping. The clicks (integer
       voxel indices of the file) are mapped to the 1.5 mm canonical grid, and the ROI is
       placed as :class:`sammed3d_jax.inference.Predictor` does it: centred on the first click;
-      kept while every click lies inside it; when a new click falls outside, re-centred on the
+      kept while every new click lies inside it; when a new click falls outside, re-centred on the
       bounding box of the positive clicks (on the new click when that box is wider than the
       ROI), re-encoded, and the mask prompt restarts from zeros. A click that then lies
       outside the ROI is recorded with ``in_roi = false`` and not given to the model (it

@@ -15,8 +15,10 @@ The pipeline for one image (all arrays after resampling are on the canonical gri
      without a positive click the box of all clicks is used, and when the box is wider than
      ``S`` the ROI is centred on the last click instead
      (:func:`sammed3d_jax.inference.tiling.crop_start_for_points`);
-   * later calls keep the current ROI while every click lies inside it; a click outside
-     triggers a new crop by the same rule (and a new encoding). The previous low-res logits
+   * later calls keep the current ROI while every new click (one not given in the previous
+     call) lies inside it; a new click outside triggers a new crop by the same rule (and a
+     new encoding). A click that fell outside earlier does not force a new crop at every
+     later call. The previous low-res logits
      belong to the old ROI and are then dropped: the mask prompt starts again from zeros;
    * clicks that still fall outside the chosen ROI (positive clicks spanning more than ``S``
      voxels) are kept in the result but not given to the model (``Prediction.in_roi``);
@@ -403,6 +405,7 @@ class Predictor:
         self._canonical_affine: np.ndarray | None = None
         self._cache: collections.OrderedDict[tuple[int, ...], jax.Array] = collections.OrderedDict()
         self._current_start: np.ndarray | None = None
+        self._last_points: np.ndarray | None = None  # canonical clicks of the last call
 
     # ---------------------------------------------------------------- image
 
@@ -430,6 +433,7 @@ class Predictor:
         self._canonical_affine = can_affine
         self._cache.clear()
         self._current_start = None
+        self._last_points = None
 
     @property
     def image(self) -> Volume:
@@ -453,6 +457,7 @@ class Predictor:
     def reset(self) -> None:
         """Forget the current ROI (the next call crops around its clicks); keep embeddings."""
         self._current_start = None
+        self._last_points = None
 
     # ---------------------------------------------------------------- clicks
 
@@ -532,9 +537,11 @@ class Predictor:
         s = self.crop_size
         prev_low = None
         current = self._current_start
+        known = self._last_points
         if isinstance(previous_logits, Prediction):
             current = previous_logits.roi_start
             prev_low = previous_logits.low_res_logits
+            known = previous_logits.points_roi + previous_logits.roi_start
         elif previous_logits is not None:
             prev_low = np.asarray(previous_logits, dtype=np.float32)
             size = self.engine.low_res_size
@@ -544,8 +551,14 @@ class Predictor:
                     f"{size}), got shape {prev_low.shape}"
                 )
             prev_low = prev_low.reshape(size, size, size)
+        # The clicks new since the last call (all of them unless those extend the last
+        # call's): only these can move the ROI.
+        new = canonical
+        if known is not None and len(known) <= len(canonical):
+            if np.allclose(canonical[: len(known)], known, rtol=0, atol=1e-9):
+                new = canonical[len(known) :]
         start = None
-        if current is not None and _inside_roi(canonical - current, s).all():
+        if current is not None and _inside_roi(new - current, s).all():
             start = np.asarray(current, dtype=np.int64)
         if start is None:
             start = crop_start_for_points(canonical, labs, self._canonical.shape, s)
@@ -568,6 +581,7 @@ class Predictor:
         vol = self.image
         mask = paste_back(roi_mask, aff, vol.shape, vol.affine)
         self._current_start = start
+        self._last_points = canonical
         return Prediction(
             mask=mask,
             roi_mask=roi_mask,

@@ -175,6 +175,19 @@ def test_embedding_cache_and_recrop(golden_model):
     assert third.in_roi.sum() >= 1
     inside = (third.points_roi >= -0.5) & (third.points_roi < s - 0.5)
     np.testing.assert_array_equal(third.in_roi, inside.all(axis=1))
+    # Clicks far apart (wider than the ROI): the ROI follows the last click and the first
+    # stays outside. A new click inside the current ROI keeps it: no new crop, no new
+    # encoding, the mask prompt carried over (the earlier outside click does not force a
+    # re-crop at every later call).
+    far = [[60, 30, 30], [62, 33, 30], [160, 30, 30], [162, 31, 30]]
+    fourth = predictor.predict(far, [1, 0, 1, 1], third)
+    assert not fourth.encoded and not fourth.mask_prompt_reset
+    np.testing.assert_array_equal(fourth.roi_start, third.roi_start)
+    assert not fourth.in_roi[0]
+    # The same with the logits as an array (the clicks of the last call are remembered).
+    fifth = predictor.predict([*far, [161, 29, 30]], [1, 0, 1, 1, 0], fourth.low_res_logits)
+    assert not fifth.mask_prompt_reset
+    np.testing.assert_array_equal(fifth.roi_start, third.roi_start)
     # Going back to the first ROI re-uses its cached embedding.
     predictor.reset()
     again = predictor.predict([[60, 30, 30]], [1])
