@@ -33,12 +33,25 @@ from sammed3d_jax.checkpoint import (
 )
 from sammed3d_jax.convert.pth import PthError
 from sammed3d_jax.convert.torch_to_jax import ConversionError, infer_config
+from sammed3d_jax.convert.verify import ReferenceUnavailableError
+from sammed3d_jax.model.config import VARIANTS, matching_variant
 
 
 def convert(src: Path, out_dir: Path, overwrite: bool = False, img_size: int | None = None) -> dict:
     state_dict, info = read_torch_checkpoint(src)
     overrides = {} if img_size is None else {"img_size": img_size}
-    model, conv = model_from_state_dict(state_dict, infer_config(state_dict, **overrides))
+    try:
+        model, conv = model_from_state_dict(state_dict, infer_config(state_dict, **overrides))
+    except ConversionError as e:
+        raise ConversionError(f"{src}: {e}") from e
+    variant = matching_variant(model.config)
+    if variant is None:
+        print(
+            f"warning: {src}: the inferred architecture matches no known variant "
+            f"({', '.join(sorted(VARIANTS))}); check the summary below (a checkpoint missing "
+            "whole blocks converts as a smaller model)",
+            file=sys.stderr,
+        )
     report = {
         "source": str(src.resolve()),
         "source_sha256": sha256_file(src),
@@ -79,8 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.src.is_file():
             raise CheckpointError(f"{args.src}: no such file")
+        if args.dst.exists() and args.dst.resolve() == args.src.resolve():
+            raise CheckpointError(f"{args.dst}: the output would replace the source checkpoint")
         if args.dst.exists() and not args.overwrite:
             raise CheckpointError(f"{args.dst} already exists (use --overwrite)")
+        if args.verify:  # before converting: a missing reference must not leave OUT_DIR
+            from sammed3d_jax.convert.verify import require_reference
+
+            require_reference()
         if args.img_size is not None and args.img_size < 1:
             raise CheckpointError(f"--img-size must be >= 1, got {args.img_size}")
         report = convert(args.src, args.dst, overwrite=args.overwrite, img_size=args.img_size)
@@ -117,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result))
             return 0 if result["ok"] else 1
         return 0
-    except (PthError, ConversionError, CheckpointError, OSError) as e:
+    except (PthError, ConversionError, CheckpointError, ReferenceUnavailableError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

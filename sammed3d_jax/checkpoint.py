@@ -34,11 +34,13 @@ from flax import nnx
 
 from sammed3d_jax.convert.pth import PthError, find_state_dict, load_pth, save_pth
 from sammed3d_jax.convert.torch_to_jax import (
+    ConversionError,
     flax_state_to_torch,
     infer_config,
     strip_prefix,
     torch_to_flax_state,
 )
+from sammed3d_jax.files import current_umask
 from sammed3d_jax.model.config import Sam3DConfig
 from sammed3d_jax.model.sam import Sam3D
 
@@ -65,7 +67,7 @@ def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray
     Never imports torch and never runs code from the file.
     """
     obj = load_pth(path)
-    state_dict, where = find_state_dict(obj)
+    state_dict, where = find_state_dict(obj, path=path)
     state_dict = dict(state_dict)
     prefixed = bool(state_dict) and all(k.startswith("module.") for k in state_dict)
     info: dict[str, Any] = {"weights_found_at": where, "ddp_prefix_stripped": prefixed}
@@ -91,7 +93,20 @@ def model_from_state_dict(
 
 
 def _fill(model: Sam3D, nested: dict) -> None:
+    """Put `nested` (a pure dict of arrays) into the abstract `model`; every array must have
+    the shape the model's config gives it (ValueError naming the first few that do not)."""
     state = nnx.state(model)
+    expected = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state)))
+    bad = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nested):
+        want = expected.get(path)
+        if want is not None and tuple(np.shape(leaf)) != tuple(want.shape):
+            bad.append(f"{jax.tree_util.keystr(path)} {tuple(np.shape(leaf))} vs {want.shape}")
+    if bad:
+        raise ValueError(
+            f"{len(bad)} parameter shape(s) differ from the model configuration (stored vs "
+            f"configured): " + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+        )
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, nested))
     nnx.update(model, state)
 
@@ -105,7 +120,10 @@ def _atomic_dir(out_dir: Path, overwrite: bool):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         if out_dir.exists() and not overwrite:
             raise CheckpointError(f"{out_dir} already exists (pass overwrite to replace it)")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise CheckpointError(f"{out_dir} is a file, not a checkpoint directory to replace")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
         try:
             yield tmp
             if out_dir.exists():
@@ -260,7 +278,10 @@ def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
             state_dict, _ = read_torch_checkpoint(path)
         except PthError as e:  # not a ValueError: name the file for every caller
             raise CheckpointError(str(e)) from e
-        model, _ = model_from_state_dict(state_dict, **config_overrides)
+        try:
+            model, _ = model_from_state_dict(state_dict, **config_overrides)
+        except ConversionError as e:
+            raise CheckpointError(f"{path}: {e}") from e
         return model
     if _is_training_run(path):
         return _training_run_model(path, **config_overrides)
@@ -281,7 +302,10 @@ def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
         restored = ocp.StandardCheckpointer().restore(params.absolute(), target)
     except Exception as e:  # orbax raises many types for structure/shape mismatches
         raise CheckpointError(f"{params}: cannot restore parameters: {e}") from e
-    _fill(model, _restore_int_keys(restored, like))
+    try:
+        _fill(model, _restore_int_keys(restored, like))
+    except ValueError as e:  # the stored arrays do not fit config.json
+        raise CheckpointError(f"{params}: {e}") from e
     return model
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it where Linux reports it (setting and
     restoring it would briefly apply to files other threads create)."""
     try:
@@ -36,7 +36,7 @@ def atomic_path(dst: Path, suffix: str = "") -> Iterator[str]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix, dir=dst.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         os.close(fd)
         yield tmp
         os.replace(tmp, dst)

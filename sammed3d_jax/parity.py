@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -262,6 +263,21 @@ def _inputs(io: dict[str, np.ndarray]) -> set[str]:
     return names
 
 
+FINAL_OUTPUTS = ("low_res_masks", "iou")
+
+
+def _check_final_outputs(io_path: Path, io: dict[str, np.ndarray]) -> None:
+    """Every case/call of the golden file must hold its final outputs: a file with inputs
+    only (or none) would otherwise pass with nothing compared."""
+    groups = sorted({n.split("_", 1)[0] for n in io if re.match(r"(case|call)\d+_", n)})
+    missing = [f"{g}_{o}" for g in groups for o in FINAL_OUTPUTS if f"{g}_{o}" not in io]
+    if not groups or missing:
+        raise GoldenFormatError(
+            f"{io_path}: no reference outputs to compare"
+            + (f" (missing {', '.join(missing)})" if missing else " (no case or call arrays)")
+        )
+
+
 def check_folder(folder: Path, window_attention: str = "exact") -> dict[str, Any]:
     """Convert every checkpoint of a golden folder, run its cases and compare."""
     folder = Path(folder)
@@ -270,6 +286,7 @@ def check_folder(folder: Path, window_attention: str = "exact") -> dict[str, Any
         raise GoldenFormatError(f"{folder}: no io.npz")
     with np.load(io_path) as z:
         io = {k: z[k] for k in z.files}
+    _check_final_outputs(io_path, io)
     sources = list(weight_sources(folder))
     if not sources:
         raise GoldenFormatError(f"{folder}: no *.pth checkpoint and no weight_recipe.json")

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sammed3d_jax.parity import check_folder
@@ -93,3 +94,20 @@ def test_damaged_folders_are_reported_and_the_rest_still_run(tmp_path, fixtures_
     assert not first["ok"] and "error" in first and not second["ok"] and "error" in second
     assert third["ok"] and "Traceback" not in err
     assert f"error: {bad_pth}" in err and f"error: {bad_npz}" in err
+
+
+def test_golden_file_without_outputs_fails(tmp_path, fixtures_dir):
+    """io.npz holding only inputs compares nothing: that is a failure, not a pass."""
+    import shutil
+
+    from sammed3d_jax.parity import GoldenFormatError, check_folder
+
+    folder = tmp_path / "inputs_only"
+    folder.mkdir()
+    good = fixtures_dir / "golden_small"
+    shutil.copy(good / "checkpoint_train_format.pth", folder / "checkpoint_train_format.pth")
+    with np.load(good / "io.npz") as z:
+        kept = {k: z[k] for k in z.files if k.endswith(("_image", "_points", "_labels"))}
+    np.savez(folder / "io.npz", **kept)
+    with pytest.raises(GoldenFormatError, match="no reference outputs"):
+        check_folder(folder)

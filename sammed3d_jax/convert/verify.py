@@ -21,15 +21,27 @@ from sammed3d_jax.model.config import VARIANTS, Sam3DConfig
 from sammed3d_jax.model.sam import Sam3D
 
 
+class ReferenceUnavailableError(RuntimeError):
+    """PyTorch or medim (the reference model) is not installed."""
+
+
+def require_reference() -> None:
+    """Raise :class:`ReferenceUnavailableError` unless PyTorch and medim import."""
+    try:
+        import torch  # noqa: F401
+        from medim.models import sam_med3d  # noqa: F401
+    except ImportError as e:
+        raise ReferenceUnavailableError(
+            f"verification needs PyTorch and medim ({e}): pip install torch medim requests"
+        ) from e
+
+
 def build_reference(cfg: Sam3DConfig):
     """medim's PyTorch SAM-Med3D with this configuration (random weights, eval mode)."""
-    try:
-        import torch
-        from medim.models import sam_med3d as ref
-    except ImportError as e:  # pragma: no cover - exercised only without torch
-        raise RuntimeError(
-            "verification needs PyTorch and medim: pip install torch medim requests"
-        ) from e
+    require_reference()
+    import torch
+    from medim.models import sam_med3d as ref
+
     g = cfg.grid_size
     encoder = ref.ImageEncoderViT3D(
         img_size=cfg.img_size,

@@ -200,6 +200,15 @@ class Sam3DConfig:
         return VARIANTS[name].replace(**overrides)
 
 
+def matching_variant(cfg: Sam3DConfig) -> str | None:
+    """The registry variant with `cfg`'s architecture (numeric fields aside), or None."""
+    arch = {k: v for k, v in cfg.to_dict().items() if k not in NUMERIC_FIELDS}
+    for name, variant in VARIANTS.items():
+        if {k: v for k, v in variant.to_dict().items() if k not in NUMERIC_FIELDS} == arch:
+            return name
+    return None
+
+
 VARIANTS: dict[str, Sam3DConfig] = {
     # The released SAM-Med3D / SAM-Med3D-turbo architecture.
     "vit_b_ori": Sam3DConfig(),

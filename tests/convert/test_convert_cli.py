@@ -249,3 +249,84 @@ def test_export_to_an_unwritable_place_is_a_one_line_error(tmp_path, converted):
     proc = run_cli("--export", converted, tmp_path / "no_such_dir" / "out.pth")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and "no_such_dir" in proc.stderr
+
+
+def test_config_that_does_not_fit_the_weights_is_refused(tmp_path, converted):
+    """A converted checkpoint whose config.json was changed (another window or MLP width)
+    must not load with the stored arrays silently reinterpreted."""
+    import shutil
+
+    from sammed3d_jax.checkpoint import CheckpointError
+
+    for field, value in (("window_size", 4), ("mlp_ratio", 2.0)):
+        copy = tmp_path / f"edited_{field}"
+        shutil.copytree(converted, copy)
+        cfg = json.loads((copy / "config.json").read_text())
+        cfg[field] = value
+        (copy / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match="shape") as info:
+            load_model(copy)
+        assert str(copy) in str(info.value)
+
+
+def test_errors_name_the_file_and_odd_architectures_warn(tmp_path, golden_sd):
+    from sammed3d_jax.checkpoint import CheckpointError
+
+    # Another model's weights: the message names the file, for the CLI and load_model.
+    other = tmp_path / "other_model.pth"
+    save_pth(other, {"linear.weight": np.zeros((2, 2), np.float32)})
+    proc = run_cli(other, tmp_path / "out_other")
+    assert proc.returncode == 2 and str(other) in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(CheckpointError, match=r"other_model\.pth"):
+        load_model(other)
+    # A checkpoint that lost a whole block converts, with a warning: no known variant.
+    sd = {k: v for k, v in golden_sd.items() if not k.startswith("image_encoder.blocks.2.")}
+    src = tmp_path / "two_blocks.pth"
+    save_pth(src, sd)
+    proc = run_cli(src, tmp_path / "out_two")
+    assert proc.returncode == 0, proc.stderr
+    assert "matches no known variant" in proc.stderr and "encoder_depth=2" in proc.stdout
+    assert "no known variant" not in run_cli(GOLDEN_PTH, tmp_path / "out_small").stderr
+
+
+def test_output_never_replaces_the_source_and_gets_umask_permissions(tmp_path):
+    import shutil
+
+    src = tmp_path / "w.pth"
+    shutil.copy(GOLDEN_PTH, src)
+    proc = run_cli(src, src, "--overwrite")
+    assert proc.returncode == 2 and "replace the source" in proc.stderr
+    assert src.is_file() and src.read_bytes() == GOLDEN_PTH.read_bytes()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    proc = run_cli(src, a_file, "--overwrite")
+    assert proc.returncode == 2 and "is a file" in proc.stderr
+    assert a_file.read_text() == "keep me" and leftovers(tmp_path) == []
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "perm"
+        assert run_cli(src, out).returncode == 0
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o755
+
+
+def test_verify_without_the_reference_leaves_nothing(tmp_path):
+    """--verify needs PyTorch and medim: without them, one error line and no output."""
+    fake = tmp_path / "fake"
+    (fake / "medim").mkdir(parents=True)
+    (fake / "medim" / "__init__.py").write_text("raise ImportError('medim is not installed')\n")
+    env = {**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{REPO}"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "convert_torch_weights.py"), str(GOLDEN_PTH), str(out)]
+    proc = subprocess.run(
+        [*cmd, "--verify"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "needs PyTorch and medim" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
