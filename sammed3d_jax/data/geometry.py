@@ -119,6 +119,11 @@ def _point_to_cindex(grid: _ItkGrid, point: Sequence[np.ndarray]) -> list[np.nda
     return [(minv[r, 0] * d[0] + minv[r, 1] * d[1]) + minv[r, 2] * d[2] for r in range(3)]
 
 
+# Largest resampled grid (4 GiB as float32): a mistyped spacing fails with a message instead of
+# exhausting the memory.
+MAX_RESAMPLED_VOXELS = 2**30
+
+
 def resampled_grid(
     shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float] = (1.5, 1.5, 1.5)
 ) -> tuple[Triple, np.ndarray]:
@@ -151,6 +156,12 @@ def resampled_grid(
         raise ValueError(
             f"the volume spans {old_size[axis] * old_spacing[axis]:g} mm along voxel axis "
             f"{axis}, less than one {new_spacing[axis]:g} mm voxel of the model grid"
+        )
+    if np.prod(new_size) > MAX_RESAMPLED_VOXELS:
+        raise ValueError(
+            f"resampling to {new_spacing.tolist()} mm gives a {new_size.astype(int).tolist()} "
+            f"grid ({np.prod(new_size):,.0f} voxels, more than {MAX_RESAMPLED_VOXELS:,}); "
+            "check the spacing"
         )
     half_extent = (new_size - 1) / 2 * new_spacing
     new_origin_lps = center_lps - direction_lps @ half_extent

@@ -227,7 +227,7 @@ def save_mask(path: str | os.PathLike, array: np.ndarray, like: Volume) -> Path:
         raise VolumeError(f"{dst}: mask values outside 0..255 cannot be stored as uint8")
     data = data.astype(np.uint8)
     affine = np.asarray(like.affine, dtype=np.float64)
-    if isinstance(like.header, nib.Nifti1Header):
+    if type(like.header) is nib.Nifti1Header:  # not NIfTI-2 (a subclass): written as NIfTI-1
         # Copy the raw qform/sform fields and codes rather than refitting them from the
         # float64 affine, so the written grid is bit-identical to the source file's.
         header = like.header.copy()

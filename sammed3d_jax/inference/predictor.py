@@ -57,6 +57,7 @@ from sammed3d_jax.data.geometry import (
     crop_or_pad,
     paste_back,
     resample_to_spacing,
+    resampled_grid,
     roi_affine,
     to_canonical,
     voxel_to_world,
@@ -394,7 +395,10 @@ class Predictor:
         embedding_cache_size: int = 8,
     ):
         self.engine = model if isinstance(model, SamEngine) else SamEngine(model)
-        spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, float), (3,)))
+        try:
+            spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, float), (3,)))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"spacing must be one number or three, got {spacing!r}") from e
         if not all(np.isfinite(s) and s > 0 for s in spacing):
             raise ValueError(f"spacing must be three positive numbers, got {spacing}")
         self.spacing = spacing
@@ -426,6 +430,10 @@ class Predictor:
             raise VolumeError(f"{name}: unsupported voxel type {array.dtype} (real values needed)")
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             raise VolumeError(f"{name}: the image has non-finite (NaN/inf) voxels")
+        try:  # a volume thinner than one voxel, or a grid too large for the spacing
+            resampled_grid(array.shape, vol.affine, self.spacing)
+        except ValueError as e:
+            raise VolumeError(f"{name}: {e}") from e
         resampled, res_affine = resample_to_spacing(array, vol.affine, self.spacing, "linear")
         canonical, can_affine, _ = to_canonical(resampled, res_affine)
         self._image = vol
@@ -470,7 +478,10 @@ class Predictor:
 
     def to_canonical(self, points: Any, *, mm: bool = False) -> np.ndarray:
         """``(N, 3)`` clicks (original voxel indices or mm) → continuous canonical coordinates."""
-        pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        pts = np.asarray(points, dtype=np.float64)
+        if pts.size % 3 or pts.size == 0:
+            raise PredictorError(f"points must be (N, 3) coordinates, got shape {pts.shape}")
+        pts = pts.reshape(-1, 3)
         return self._check_clicks(pts, np.ones(pts.shape[0]), mm)[1]
 
     # ---------------------------------------------------------------- ROI
@@ -543,7 +554,15 @@ class Predictor:
             prev_low = previous_logits.low_res_logits
             known = previous_logits.points_roi + previous_logits.roi_start
         elif previous_logits is not None:
-            prev_low = np.asarray(previous_logits, dtype=np.float32)
+            try:
+                prev_low = np.asarray(previous_logits, dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise PredictorError(
+                    "previous_logits must be a Prediction or an array of low-res logits, got "
+                    f"{type(previous_logits).__name__}"
+                ) from e
+            if not np.isfinite(prev_low).all():
+                raise PredictorError("previous_logits has non-finite (NaN/inf) values")
             size = self.engine.low_res_size
             if prev_low.size != size**3:
                 raise PredictorError(

@@ -212,3 +212,17 @@ def test_axis_aligned_affine_is_kept_exactly(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.zeros((5, 6, 7), np.uint8), affine), tmp_path / "a.nii.gz")
     vol = load_volume(tmp_path / "a.nii.gz")
     np.testing.assert_array_equal(vol.affine, nib.load(tmp_path / "a.nii.gz").affine)
+
+
+def test_save_mask_like_a_nifti2_file_writes_nifti1_quietly(tmp_path: Path, caplog) -> None:
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    affine[:3, 3] = [10.0, -5.0, 3.0]
+    src = tmp_path / "n2.nii.gz"
+    nib.save(nib.Nifti2Image(np.ones((6, 5, 4), np.float32), affine), src)
+    like = load_volume(src)
+    with caplog.at_level("WARNING"):
+        out = save_mask(tmp_path / "mask.nii.gz", np.ones((6, 5, 4), np.uint8), like)
+    assert not caplog.records  # nibabel warned about converting the NIfTI-2 header
+    img = nib.load(out)
+    assert type(img.header) is nib.Nifti1Header
+    np.testing.assert_allclose(img.affine, affine)

@@ -11,6 +11,7 @@ from flax import nnx
 from sammed3d_jax.checkpoint import load_model
 from sammed3d_jax.data import (
     Volume,
+    VolumeError,
     load_volume,
     original_voxel_to_roi,
     roi_to_original_voxel,
@@ -253,3 +254,22 @@ def test_bad_image_and_state(golden_model, tmp_path):
     predictor.set_image(t)
     with pytest.raises(PredictorError, match="previous_logits"):
         predictor.predict([[10, 10, 10]], [1], np.zeros((8, 8, 8), np.float32))
+
+
+def test_bad_arguments_are_clear_errors(golden_model):
+    with pytest.raises(ValueError, match="one number or three"):
+        Predictor(golden_model, spacing=(1.5, 1.5))
+    predictor = Predictor(golden_model)
+    # A spacing that would make an enormous grid, and a volume thinner than one voxel.
+    with pytest.raises(VolumeError, match=r"<image>: resampling to .* check the spacing"):
+        Predictor(golden_model, spacing=1e-3).set_image(_synthetic_volume())
+    with pytest.raises(VolumeError, match="<image>: the volume spans 1 mm"):
+        predictor.set_image(Volume(np.ones((30, 30, 2), np.float32), np.diag([1, 1, 0.5, 1.0])))
+    predictor.set_image(_synthetic_volume())
+    first = predictor.predict([[60, 30, 30]], [1])
+    with pytest.raises(PredictorError, match="previous_logits must be a Prediction"):
+        predictor.predict([[60, 30, 30]], [1], {})
+    with pytest.raises(PredictorError, match="non-finite"):
+        predictor.predict([[60, 30, 30]], [1], np.full_like(first.low_res_logits, np.nan))
+    with pytest.raises(PredictorError, match=r"\(N, 3\)"):
+        predictor.to_canonical([1, 2, 3, 4])
