@@ -26,6 +26,10 @@ non-finite voxels, label values that are not integers in 0..255, none of the req
 ``--classes`` present) are recorded as failed with their error and the run continues; files
 the dataset scan skipped (a label without an image, an image without a label) are listed as
 failed too, and its other remarks go to ``warnings``.
+
+With ``--classes`` the ``sammed3d`` protocol's clicks differ from a run over every class (its
+seeded random stream passes through the classes of a case in order): per-class results are
+comparable with the original's only without ``--classes`` (a warning says so).
 """
 
 from __future__ import annotations
@@ -563,6 +567,13 @@ def evaluate_dataset(
         bad = [c for c in classes if not 1 <= int(c) <= 255]
         if bad:
             raise RunnerError(f"--classes must lie in 1..255, got {bad}")
+        if protocol == "sammed3d":
+            print(
+                "warning: --classes with the sammed3d protocol: its seeded click stream runs "
+                "over the classes of a case in order, so a class's clicks (and results) differ "
+                "from those of a run over every class, as the original evaluates",
+                file=sys.stderr,
+            )
     ckpt = Path(checkpoint)
     if model is None and not ckpt.exists():
         raise RunnerError(f"--checkpoint {ckpt}: no such file or directory")

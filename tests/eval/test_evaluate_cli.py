@@ -147,8 +147,9 @@ def test_cli_with_converted_checkpoint_and_sammed3d_layout(
     out = tmp_path / "out"
     argv = ["--data", str(root), "--checkpoint", str(ckpt_dir), "--out", str(out)]
     assert main([*argv, "--clicks", "1", "--no-progress", "--classes", "1"]) == 0
-    printed = capsys.readouterr().out
-    assert "2 case(s) ok" in printed
+    captured = capsys.readouterr()
+    assert "2 case(s) ok" in captured.out
+    assert "--classes with the sammed3d protocol" in captured.err
     summary = _check_outputs(out, "sammed3d", 1, 2, predictions=False)
     assert summary["settings"]["layout"] == "sammed3d"
     assert set(summary["mean"]) == {"c3_segment", "c4_segment"}
