@@ -366,11 +366,9 @@ def test_geometry_round_trip_shared(shared_dir, image, label, classes, capsys):
     _round_trip(img, lab, classes, capsys, image)
 
 
-def test_sammed3d_class_without_positive_voxels_gets_empty_predictions(golden_engine):
-    """A class whose ROI has no voxel > 0 (lung in CT) cannot be z-normalised: as in the
-    original (NaN input, empty predictions), that class scores 0 and the others still run,
-    with the seeded clicks drawn exactly as if its predictions were empty."""
-    s = golden_engine.crop_size
+def _class_without_positive_voxels(s: int) -> tuple[Volume, Volume]:
+    """A CT-like case: class 1 in soft tissue, class 2 in a region with no voxel > 0 (its
+    ROI cannot be z-normalised)."""
     img = np.full((3 * s, s, s), -1000, np.int16)
     lab = np.zeros(img.shape, np.uint8)
     rng = np.random.default_rng(0)
@@ -379,7 +377,15 @@ def test_sammed3d_class_without_positive_voxels_gets_empty_predictions(golden_en
     img[2 * s + 5 : 3 * s - 5, 5 : s - 5, 5 : s - 5] = -800
     lab[2 * s + s // 4 : 2 * s + s // 2, s // 4 : s // 2, s // 4 : s // 2] = 2
     affine = np.diag([1.5, 1.5, 1.5, 1.0])
-    image, label = Volume(img, affine), Volume(lab, affine)
+    return Volume(img, affine), Volume(lab, affine)
+
+
+def test_sammed3d_class_without_positive_voxels_gets_empty_predictions(golden_engine):
+    """A class whose ROI has no voxel > 0 (lung in CT) cannot be z-normalised: as in the
+    original (NaN input, empty predictions), that class scores 0 and the others still run,
+    with the seeded clicks drawn exactly as if its predictions were empty."""
+    s = golden_engine.crop_size
+    image, label = _class_without_positive_voxels(s)
     spy = SpyEngine(golden_engine)
     result = run_sammed3d(spy, image, label, [1, 2], 2)
     assert len(spy.calls) == 2  # class 1 only
@@ -404,16 +410,8 @@ def test_sammed3d_class_without_positive_voxels_gets_empty_predictions(golden_en
 def test_cvpr25_class_without_positive_voxels_keeps_an_empty_prediction(golden_engine):
     """cvpr25: an ROI that cannot be z-normalised leaves that class's prediction empty (with
     a note) instead of failing the whole case; the other class is predicted as usual."""
-    s = golden_engine.crop_size
-    img = np.full((3 * s, s, s), -1000, np.int16)
-    lab = np.zeros(img.shape, np.uint8)
-    rng = np.random.default_rng(0)
-    img[5 : s - 5, 5 : s - 5, 5 : s - 5] = 40 + rng.integers(0, 20, (s - 10,) * 3)
-    lab[s // 4 : s // 2, s // 4 : s // 2, s // 4 : s // 2] = 1
-    img[2 * s + 5 : 3 * s - 5, 5 : s - 5, 5 : s - 5] = -800
-    lab[2 * s + s // 4 : 2 * s + s // 2, s // 4 : s // 2, s // 4 : s // 2] = 2
-    affine = np.diag([1.5, 1.5, 1.5, 1.0])
-    result = run_cvpr25(golden_engine, Volume(img, affine), Volume(lab, affine), [1, 2], 2)
+    image, label = _class_without_positive_voxels(golden_engine.crop_size)
+    result = run_cvpr25(golden_engine, image, label, [1, 2], 2)
     assert result.classes[2].dice == [0.0, 0.0]
     assert len(result.classes[2].notes) == 2
     assert all("cannot normalise" in n for n in result.classes[2].notes)
