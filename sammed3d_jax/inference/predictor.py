@@ -648,5 +648,9 @@ class Predictor:
             max_windows=max_windows,
         )
         vol = self.image
-        mask = paste_back(result.mask, self._canonical_affine, vol.shape, vol.affine)
+        # The fused mask with its border band, as one ROI's paste-back covers the original
+        # voxels just outside the resampled grid.
+        corner = np.full(3, -result.border, np.int64)
+        aff = roi_affine(self._canonical_affine, corner)
+        mask = paste_back(result.padded_mask, aff, vol.shape, vol.affine)
         return TiledPrediction(mask=mask, tiling=result)

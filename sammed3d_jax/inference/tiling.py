@@ -12,7 +12,9 @@ placed on a lattice with step ``S / 2`` (50 % overlap) anchored at the click ROI
    the separable weight ``w(t) = max(sin²(π (t + ½) / S), 10⁻³)`` per axis (largest at the
    centre, small but positive at the border), and the fused logit is
    ``Σ w·logit / Σ w`` where at least one window covers the voxel (``-inf`` elsewhere). The
-   fused mask is ``logit > 0`` (sigmoid > 0.5).
+   fused mask is ``logit > 0`` (sigmoid > 0.5). The fusion also covers a ``border``-voxel
+   band around the grid (the windows' zero padding there), so that, as when one ROI is
+   pasted back, the original voxels just outside the resampled grid still get a prediction.
 4. After each round the fused mask is inspected on the six faces of every window: where
    foreground touches a face that is not on the volume border, the neighbour window half a
    window further along that axis is queued. Rounds repeat until no window is added or
@@ -118,6 +120,9 @@ class TilingResult:
       first_window_mask: ``(A0, A1, A2)`` uint8 mask of the first (click) window alone.
       windows: the decoded windows in decoding order.
       reached_max_windows: True when growth stopped at ``max_windows``.
+      border: width of the band around the grid that ``padded_mask`` adds per side.
+      padded_mask: ``(A0 + 2b, A1 + 2b, A2 + 2b)`` uint8 fused mask on the grid extended by
+        ``b = border`` voxels per side (its voxel ``b`` is the grid's voxel 0).
     """
 
     logits: np.ndarray
@@ -125,6 +130,8 @@ class TilingResult:
     first_window_mask: np.ndarray
     windows: tuple[Window, ...]
     reached_max_windows: bool
+    border: int = 0
+    padded_mask: np.ndarray | None = None
 
 
 def _overlap(start: np.ndarray, size: int, shape: np.ndarray) -> tuple[tuple, tuple] | None:
@@ -169,6 +176,7 @@ def tiled_segmentation(
     crop_size: int = 128,
     max_windows: int = 27,
     first_start: Sequence[int] | None = None,
+    border: int = 2,
 ) -> TilingResult:
     """Segment with overlapping ``crop_size³`` windows that follow the target.
 
@@ -181,6 +189,8 @@ def tiled_segmentation(
       crop_size: window side ``S`` (even).
       max_windows: most windows to decode (≥ 1).
       first_start: start of the first window; default :func:`crop_start_for_points`.
+      border: voxels per side of the band around the grid that the fusion also covers
+        (``TilingResult.padded_mask``); window placement looks at the grid only.
 
     Returns:
       A :class:`TilingResult`.
@@ -197,10 +207,17 @@ def tiled_segmentation(
         first = crop_start_for_points(pts, labs, shape, s)
     else:
         first = np.asarray(first_start, dtype=np.int64)
+    if border < 0:
+        raise ValueError(f"border must be >= 0, got {border}")
     step = s // 2
     weight = window_weights(s)
-    num = np.zeros(tuple(shape), np.float32)
-    den = np.zeros(tuple(shape), np.float32)
+    b = int(border)
+    # Accumulated on the grid plus the border band; `inner` is the grid itself.
+    padded = shape + 2 * b
+    num_all = np.zeros(tuple(padded), np.float32)
+    den_all = np.zeros(tuple(padded), np.float32)
+    inner = tuple(slice(b, b + int(n)) for n in shape)
+    num, den = num_all[inner], den_all[inner]  # views
     first_mask = np.zeros(tuple(shape), np.uint8)
     windows: list[Window] = []
     queued = {tuple(int(v) for v in first)}
@@ -238,8 +255,9 @@ def tiled_segmentation(
             logits = np.asarray(window_fn(np.array(start), w_pts, w_labs), dtype=np.float32)
             if logits.shape != (s, s, s):
                 raise ValueError(f"window_fn returned shape {logits.shape}, expected {(s,) * 3}")
-            num[vol] += weight[win] * logits[win]
-            den[vol] += weight[win]
+            pvol, pwin = _overlap(start + b, s, padded)
+            num_all[pvol] += weight[pwin] * logits[pwin]
+            den_all[pvol] += weight[pwin]
             if not windows:
                 first_mask[vol] = (logits[win] > 0).astype(np.uint8)
             windows.append(Window(tuple(int(v) for v in start), w_pts, w_labs, auto))
@@ -260,10 +278,12 @@ def tiled_segmentation(
         if pending and len(windows) >= max_windows:
             reached_max = True
 
-    logits = np.full(tuple(shape), -np.inf, np.float32)
-    np.divide(num, den, out=logits, where=den > 0)
-    mask = (logits > 0).astype(np.uint8)
-    return TilingResult(logits, mask, first_mask, tuple(windows), reached_max)
+    logits_all = np.full(tuple(padded), -np.inf, np.float32)
+    np.divide(num_all, den_all, out=logits_all, where=den_all > 0)
+    padded_mask = (logits_all > 0).astype(np.uint8)
+    logits = np.ascontiguousarray(logits_all[inner])
+    mask = np.ascontiguousarray(padded_mask[inner])
+    return TilingResult(logits, mask, first_mask, tuple(windows), reached_max, b, padded_mask)
 
 
 def label_oracle(canonical_label: np.ndarray, crop_size: int = 128) -> WindowFn:

@@ -194,3 +194,37 @@ def test_tiling_recovers_the_liver(shared_dir, capsys):
         f"{(hi - lo).tolist()} voxels at 1.5 mm), 128^3 windows, oracle ceiling (one 256^3 "
         f"window) Dice {ceiling:.4f}; " + "; ".join(lines),
     )
+
+
+def test_predict_tiled_covers_the_border_planes_as_one_roi_does(fixtures_dir):
+    """The 1.5 mm grid of a 100-voxel, 0.7 mm axis is 46 voxels (69 mm of 70): the original's
+    outermost planes lie just outside it. One ROI pasted back still covers them (its padding
+    does), so the tiled fusion must too."""
+    from sammed3d_jax.checkpoint import load_model
+
+    rng = np.random.default_rng(0)
+    image = Volume(
+        array=(100 + 20 * rng.standard_normal((100, 100, 100))).astype(np.float32),
+        affine=np.diag([0.7, 0.7, 0.7, 1.0]),
+    )
+    predictor = Predictor(load_model(fixtures_dir / "golden_small/checkpoint_train_format.pth"))
+    predictor.set_image(image)
+    s = predictor.crop_size
+    assert predictor.canonical_image.shape == (46, 46, 46)
+
+    def everywhere(start, points, labels):
+        return np.full((s, s, s), 10.0, np.float32)
+
+    tiled = predictor.predict_tiled([[50, 50, 50]], [1], window_fn=everywhere)
+    assert tiled.tiling.mask.shape == (46, 46, 46) and tiled.tiling.mask.all()
+    start = crop_start_for_points(
+        predictor.to_canonical([[50, 50, 50]]), np.ones(1), (46, 46, 46), s
+    )
+    one_roi = paste_back(
+        np.ones((s, s, s), np.uint8),
+        roi_affine(predictor.canonical_affine, start),
+        image.shape,
+        image.affine,
+    )
+    assert one_roi.all()
+    np.testing.assert_array_equal(tiled.mask, one_roi)
