@@ -68,6 +68,16 @@ class Volume:
         rzs = self.affine[:3, :3]
         return np.sqrt(np.sum(rzs * rzs, axis=0))
 
+    @property
+    def header_zooms(self) -> np.ndarray:
+        """Voxel size in mm per array axis as the header's ``pixdim`` states it (nibabel's
+        ``get_zooms()``); :attr:`spacing` where there is no header. Equal to ``spacing``
+        except in files whose matrix and ``pixdim`` disagree."""
+        if self.header is None:
+            return self.spacing
+        zooms = np.asarray(self.header.get_zooms()[:3], dtype=np.float64)
+        return zooms if zooms.shape == (3,) and np.all(zooms > 0) else self.spacing
+
 
 def load_volume(path: str | os.PathLike, *, kind: Literal["image", "label"] = "image") -> Volume:
     """Load a 3D NIfTI volume.

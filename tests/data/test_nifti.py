@@ -226,3 +226,17 @@ def test_save_mask_like_a_nifti2_file_writes_nifti1_quietly(tmp_path: Path, capl
     img = nib.load(out)
     assert type(img.header) is nib.Nifti1Header
     np.testing.assert_allclose(img.affine, affine)
+
+
+def test_header_zooms_where_pixdim_and_matrix_disagree(tmp_path: Path) -> None:
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    img = nib.Nifti1Image(np.zeros((6, 5, 4), np.uint8), affine)
+    img.header.set_sform(affine, code=1)
+    img.header.set_qform(affine, code=0)
+    img.header["pixdim"][1:4] = [1.0, 1.0, 1.5]
+    nib.save(img, tmp_path / "mismatch.nii.gz")
+    vol = load_volume(tmp_path / "mismatch.nii.gz", kind="label")
+    np.testing.assert_array_equal(vol.spacing, [2.0, 2.0, 2.0])  # the matrix is kept
+    np.testing.assert_array_equal(vol.header_zooms, [1.0, 1.0, 1.5])
+    no_header = Volume(np.zeros((2, 2, 2)), affine)
+    np.testing.assert_array_equal(no_header.header_zooms, [2.0, 2.0, 2.0])

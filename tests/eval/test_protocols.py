@@ -22,7 +22,7 @@ from sammed3d_jax.data import (
     roi_to_original_voxel,
     to_canonical,
 )
-from sammed3d_jax.eval import cvpr25_step_metrics, dice, sammed3d_click
+from sammed3d_jax.eval import cvpr25_step_metrics, dice, nsd, sammed3d_click
 from sammed3d_jax.eval.protocols import run_cvpr25, run_protocol, run_sammed3d
 from sammed3d_jax.inference import DecodeOutput, Prediction, Predictor, SamEngine
 from sammed3d_jax.model.common import upsample_logits
@@ -418,3 +418,26 @@ def test_cvpr25_class_without_positive_voxels_keeps_an_empty_prediction(golden_e
     assert [c.in_roi for c in result.classes[2].clicks] == [False, False]
     assert len(result.classes[1].dice) == 2 and result.classes[1].clicks[0].in_roi
     assert not (result.final_prediction == 2).any()
+
+
+def test_sammed3d_nsd_uses_the_header_voxel_size(golden_engine):
+    """As the original's compute_metrics: NSD in the label header's zooms (pixdim), with a
+    note when the affine says otherwise."""
+    s = golden_engine.crop_size
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    img = np.random.default_rng(1).integers(50, 150, (s, s, s)).astype(np.int16)
+    lab = np.zeros((s, s, s), np.uint8)
+    lab[20:40, 20:40, 20:40] = 1
+    header = nib.Nifti1Header()
+    header.set_data_shape(lab.shape)
+    header.set_zooms((0.5, 0.5, 0.5))
+    image = Volume(img, affine)
+    plain = run_sammed3d(golden_engine, image, Volume(lab, affine), [1], 1)
+    zoomed = run_sammed3d(golden_engine, image, Volume(lab, affine, header=header), [1], 1)
+    assert plain.classes[1].dice == zoomed.classes[1].dice
+    assert not any("header" in n for n in plain.classes[1].notes)
+    assert any("header's voxel size [0.5, 0.5, 0.5]" in n for n in zoomed.classes[1].notes)
+    pred, gt = zoomed.final_prediction == 1, lab == 1
+    assert zoomed.classes[1].nsd == [nsd(pred, gt, (0.5, 0.5, 0.5), 1.0)]
+    assert plain.classes[1].nsd == [nsd(pred, gt, (1.5, 1.5, 1.5), 1.0)]
+    assert zoomed.classes[1].nsd != plain.classes[1].nsd
