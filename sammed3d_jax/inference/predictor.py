@@ -633,20 +633,32 @@ class Predictor:
           points, labels, mm: as in :meth:`predict`.
           max_windows: upper bound on the number of windows.
           window_fn: replaces the model's decode step (``(start, points, labels) ->
-            (S, S, S)`` logits), e.g. for tests.
+            (S, S, S)`` logits, or None to skip the window), e.g. for tests. The model's
+            step skips windows whose ROI cannot be normalised (``skipped_windows``).
 
         Returns:
           A :class:`TiledPrediction` with the mask on the original grid.
         """
         _, canonical, labs = self._check_clicks(points, labels, mm)
+        failures: list[RoiNormalizationError] = []
+
+        def decode(start: np.ndarray, pts: np.ndarray, labs: np.ndarray) -> np.ndarray | None:
+            try:
+                return self.window_logits(start, pts, labs)
+            except RoiNormalizationError as e:  # e.g. a window in air: skipped
+                failures.append(e)
+                return None
+
         result = tiled_segmentation(
             self._canonical.shape,
             canonical,
             labs,
-            window_fn or self.window_logits,
+            window_fn or decode,
             crop_size=self.crop_size,
             max_windows=max_windows,
         )
+        if not result.windows and failures:  # the clicks' own ROI: as predict() would
+            raise failures[0]
         vol = self.image
         # The fused mask with its border band, as one ROI's paste-back covers the original
         # voxels just outside the resampled grid.

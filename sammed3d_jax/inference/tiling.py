@@ -23,7 +23,8 @@ placed on a lattice with step ``S / 2`` (50 % overlap) anchored at the click ROI
 The decode step is a callable ``window_fn(start, points, labels) -> (S, S, S) logits``
 (``start``: canonical window start, ``points``: ``(K, 3)`` window coordinates, ``labels``:
 ``(K,)``), so a model, a cached predictor or a label-derived oracle (:func:`label_oracle`)
-can be plugged in.
+can be plugged in. It may return None for a window it cannot predict (an ROI that cannot be
+normalised, e.g. air only): that window adds nothing and is listed as skipped.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class TilingResult:
       first_window_mask: ``(A0, A1, A2)`` uint8 mask of the first (click) window alone.
       windows: the decoded windows in decoding order.
       reached_max_windows: True when growth stopped at ``max_windows``.
+      skipped_windows: starts of the windows ``window_fn`` returned None for.
       border: width of the band around the grid that ``padded_mask`` adds per side.
       padded_mask: ``(A0 + 2b, A1 + 2b, A2 + 2b)`` uint8 fused mask on the grid extended by
         ``b = border`` voxels per side (its voxel ``b`` is the grid's voxel 0).
@@ -130,6 +132,7 @@ class TilingResult:
     first_window_mask: np.ndarray
     windows: tuple[Window, ...]
     reached_max_windows: bool
+    skipped_windows: tuple[tuple[int, int, int], ...] = ()
     border: int = 0
     padded_mask: np.ndarray | None = None
 
@@ -220,6 +223,7 @@ def tiled_segmentation(
     num, den = num_all[inner], den_all[inner]  # views
     first_mask = np.zeros(tuple(shape), np.uint8)
     windows: list[Window] = []
+    skipped: list[tuple[int, int, int]] = []
     queued = {tuple(int(v) for v in first)}
     pending: collections.deque[np.ndarray] = collections.deque([first])
     reached_max = False
@@ -252,7 +256,11 @@ def tiled_segmentation(
                 w_pts = nearest[None].astype(np.float64)
                 w_labs = np.ones(1, np.int64)
                 auto = True
-            logits = np.asarray(window_fn(np.array(start), w_pts, w_labs), dtype=np.float32)
+            decoded = window_fn(np.array(start), w_pts, w_labs)
+            if decoded is None:
+                skipped.append(tuple(int(v) for v in start))
+                continue
+            logits = np.asarray(decoded, dtype=np.float32)
             if logits.shape != (s, s, s):
                 raise ValueError(f"window_fn returned shape {logits.shape}, expected {(s,) * 3}")
             pvol, pwin = _overlap(start + b, s, padded)
@@ -283,7 +291,9 @@ def tiled_segmentation(
     padded_mask = (logits_all > 0).astype(np.uint8)
     logits = np.ascontiguousarray(logits_all[inner])
     mask = np.ascontiguousarray(padded_mask[inner])
-    return TilingResult(logits, mask, first_mask, tuple(windows), reached_max, b, padded_mask)
+    return TilingResult(
+        logits, mask, first_mask, tuple(windows), reached_max, tuple(skipped), b, padded_mask
+    )
 
 
 def label_oracle(canonical_label: np.ndarray, crop_size: int = 128) -> WindowFn:

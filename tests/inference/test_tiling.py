@@ -228,3 +228,34 @@ def test_predict_tiled_covers_the_border_planes_as_one_roi_does(fixtures_dir):
     )
     assert one_roi.all()
     np.testing.assert_array_equal(tiled.mask, one_roi)
+
+
+def test_windows_that_cannot_be_predicted_are_skipped(fixtures_dir, monkeypatch):
+    """A window whose ROI cannot be z-normalised (air only) is skipped, not fatal; when the
+    clicks' own window cannot be, the error is raised as predict() raises it."""
+    from sammed3d_jax.checkpoint import load_model
+    from sammed3d_jax.inference import RoiNormalizationError
+
+    predictor = Predictor(load_model(fixtures_dir / "golden_small/checkpoint_train_format.pth"))
+    predictor.set_image(
+        Volume(np.full((180, 40, 40), 100.0, np.float32), np.diag([1.5] * 3 + [1.0]))
+    )
+    s = predictor.crop_size
+
+    def air_beyond(limit):
+        def window_logits(start, points, labels):
+            if start[0] >= limit:
+                raise RoiNormalizationError(f"window at {list(start)}: air")
+            return np.full((s, s, s), 10.0, np.float32)
+
+        return window_logits
+
+    monkeypatch.setattr(predictor, "window_logits", air_beyond(40))
+    out = predictor.predict_tiled([[20, 20, 20]], [1])
+    assert out.tiling.windows and out.tiling.skipped_windows
+    assert all(w[0] >= 40 for w in out.tiling.skipped_windows)
+    assert all(w.start[0] < 40 for w in out.tiling.windows)
+    assert out.mask[:40].all() and not out.mask[-1].any()
+    monkeypatch.setattr(predictor, "window_logits", air_beyond(-1000))
+    with pytest.raises(RoiNormalizationError, match="air"):
+        predictor.predict_tiled([[20, 20, 20]], [1])
