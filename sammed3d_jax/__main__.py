@@ -117,7 +117,10 @@ def _segment(args: argparse.Namespace) -> int:
     if args.tile:
         result = predictor.predict_tiled(points, labels, mm=args.mm, max_windows=args.max_windows)
         mask = result.mask
-        detail = f"{len(result.tiling.windows)} window(s)"
+        skipped = len(result.tiling.skipped_windows)
+        detail = f"{len(result.tiling.windows)} window(s)" + (
+            f", {skipped} skipped (ROI cannot be normalised)" if skipped else ""
+        )
     else:
         result = predictor.predict(points, labels, mm=args.mm)
         mask = result.mask
