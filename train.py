@@ -36,7 +36,7 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from sammed3d_jax.train.loop import NonFiniteError, train_and_evaluate
+    from sammed3d_jax.train.loop import NonFiniteError, Preempted, train_and_evaluate
 
     config = FLAGS.config
     with config.unlocked():
@@ -52,6 +52,11 @@ def main(argv):
         workdir = str(REPO / "runs" / name)
     try:
         final = train_and_evaluate(config, workdir)
+    except Preempted as e:
+        # 128 + SIGTERM, as if the signal had ended the process: not "done", so job
+        # controllers and retry loops start the run again, and it resumes.
+        logging.warning("%s; run the same command again to resume", e)
+        return 143
     except NonFiniteError as e:
         logging.error("training stopped: %s", e)
         return 3

@@ -7,7 +7,9 @@ on one device); each process feeds its slice of the global batch
 shardings and a donated state. Only process 0 writes logs and plots.
 
 Resume order: the workdir's latest checkpoint, else `config.init_from`, else `config.seed`.
-A SIGTERM (preemption) finishes the current step, saves, and exits cleanly.
+A SIGTERM (preemption) finishes the current step, saves, and raises `Preempted` (`train.py`
+exits with code 143, so that schedulers and job controllers treat the run as unfinished and
+start it again, which resumes it).
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ log = logging.getLogger("sammed3d_jax.train")
 
 class NonFiniteError(FloatingPointError):
     """A logged training metric became NaN or infinite."""
+
+
+class Preempted(Exception):
+    """Training stopped after a SIGTERM with its state saved; running it again resumes."""
+
+    def __init__(self, step: int, workdir: Path):
+        super().__init__(f"stopped at step {step} after SIGTERM; checkpoint saved in {workdir}")
+        self.step = step
+        self.workdir = workdir
 
 
 class _Preemption:
@@ -413,7 +424,12 @@ def check_resumable(workdir: Path, config: ml_collections.ConfigDict, cfg: Sam3D
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Train (or resume) according to `config` in `workdir`; returns the last metrics."""
+    """Train (or resume) according to `config` in `workdir`; returns the last metrics.
+
+    Raises:
+      Preempted: a SIGTERM stopped the run after saving (run it again to resume).
+      NonFiniteError: a logged metric became NaN or infinite (nothing non-finite is saved).
+    """
     check_local_path(os.fspath(workdir), "--workdir")
     workdir = Path(workdir).absolute()
     check_config(config)
@@ -609,6 +625,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             pbar.close()
         if is_main:
             plot_curves(workdir)
+    if pre.requested:
+        raise Preempted(step, workdir)
     return last
 
 
