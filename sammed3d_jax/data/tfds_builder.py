@@ -57,10 +57,11 @@ class SamMed3dRois(tfds.core.GeneratorBasedBuilder):
         "1.0.0": "Prepared 1.5 mm RAS+ ROIs with binary labels."
     }
 
-    def __init__(self, *, data_cfg: Any = None, **kwargs: Any):
+    def __init__(self, *, data_cfg: Any = None, index_fingerprint: str = "", **kwargs: Any):
         if data_cfg is None:
             raise ValueError("SamMed3dRois needs data_cfg (read prepared data with TfdsSource)")
         self._data_cfg = data_cfg
+        self._index_fingerprint = index_fingerprint
         kwargs["file_format"] = "array_record"
         super().__init__(**kwargs)
 
@@ -93,6 +94,8 @@ class SamMed3dRois(tfds.core.GeneratorBasedBuilder):
                 prepare=self._data_cfg.prepare_params(),
                 index_params=self._data_cfg.index_params(),
                 root=_root_name(self._data_cfg),
+                # the source files (paths, sizes, mtimes) the examples were made from
+                index_fingerprint=self._index_fingerprint,
             ),
         )
 
@@ -132,18 +135,26 @@ def prepare_tfds(data_cfg: Any, data_dir: str | os.PathLike) -> str:
     Returns:
       The dataset version folder, for ``DataConfig(tfds_dir=...)``.
     """
-    builder = SamMed3dRois(data_cfg=data_cfg, data_dir=os.fspath(data_dir))
+    from sammed3d_jax.data.pipeline import load_index
+
+    fingerprint = load_index(data_cfg).fingerprint
+    builder = SamMed3dRois(
+        data_cfg=data_cfg, index_fingerprint=fingerprint, data_dir=os.fspath(data_dir)
+    )
     builder.download_and_prepare()
     path = os.fspath(builder.data_dir)
-    # An existing folder is reused as it is: it must hold this very dataset.
+    # An existing folder is reused as it is: it must hold this very dataset, made from the
+    # same source files (cases added, removed or changed since would go unseen).
     stored = dict(tfds.builder_from_directory(path).info.metadata or {})
     wanted = {
         "prepare": data_cfg.prepare_params(),
         "index_params": data_cfg.index_params(),
         "root": _root_name(data_cfg),
+        "index_fingerprint": fingerprint,
     }
-    if "root" not in stored:  # folders written before the source folder was recorded
-        del wanted["root"]
+    for key in ("root", "index_fingerprint"):  # not recorded by folders written before
+        if key not in stored:
+            del wanted[key]
     diffs = [
         f"{k}: {stored.get(k)!r} (wanted {v!r})" for k, v in wanted.items() if stored.get(k) != v
     ]

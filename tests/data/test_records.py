@@ -358,6 +358,24 @@ def test_tfds_builder_without_tensorflow(converted, tmp_path: Path) -> None:
         prepare_tfds(other, tmp_path / "tfds")
 
 
+def test_tfds_folder_of_changed_source_files_is_refused(tmp_path: Path) -> None:
+    """A prepared TFDS folder is reused only for the very files it was made from: a case
+    changed (or added, or removed) under the same root since is an error, not stale data."""
+    pytest.importorskip("tensorflow_datasets")
+    import os
+
+    from sammed3d_jax.data.tfds_builder import prepare_tfds
+
+    cfg = _cfg(make_dataset(tmp_path / "nifti"))
+    path = prepare_tfds(cfg, tmp_path / "tfds")
+    assert prepare_tfds(cfg, tmp_path / "tfds") == path
+    label = sorted(Path(cfg.root).rglob("labelsTr/*.nii.gz"))[0]
+    stat = label.stat()
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten since
+    with pytest.raises(ValueError, match=r"prepared differently.*index_fingerprint"):
+        prepare_tfds(cfg, tmp_path / "tfds")
+
+
 @pytest.mark.slow
 def test_parallel_conversion_matches_serial(converted, tmp_path: Path) -> None:
     cfg, out = converted
