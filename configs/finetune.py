@@ -11,9 +11,10 @@ orientation, random flips, batch-pooled z-normalisation) with bfloat16 compute a
 parameters. Two deliberate differences: a linear warm-up (200 updates, at most a tenth of the
 run) then cosine decay instead of the original's x0.1 steps at epochs 120 and 180, and gradient
 clipping at norm 1.0 (the original clips nothing); the original also accumulates 20 batches
-per update. For the original's schedule: `--config.optim.schedule=multistep
+per update: `accumulation=20` does that, with the schedule counted in optimizer updates
+(`steps // accumulation`). For the original's schedule: `--config.optim.schedule=multistep
 --config.optim.milestones=...` (in updates), `--config.optim.grad_clip_norm=0`,
-`--config.optim.accumulation_steps=20`. `tiny` shrinks everything for a CPU run from scratch.
+`accumulation=20`. `tiny` shrinks everything for a CPU run from scratch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from configs.common import base_config, parse_arg
 
 def get_config(arg: str | None = None):
     args = parse_arg(
-        arg, init_from="", data="", val="", records="", tiny=False, steps=20_000, batch=12
+        arg,
+        init_from="",
+        data="",
+        val="",
+        records="",
+        tiny=False,
+        steps=20_000,
+        batch=12,
+        accumulation=1,
     )
     c = base_config()
     c.init_from = args.init_from
@@ -33,8 +42,10 @@ def get_config(arg: str | None = None):
     c.data.batch_size = args.batch
     c.optim.lr = 8e-5
     c.optim.schedule = "warmup_cosine"
-    c.optim.warmup_steps = min(200, args.steps // 10)
-    c.optim.total_steps = args.steps
+    c.optim.accumulation_steps = args.accumulation
+    updates = args.steps // max(args.accumulation, 1)  # the schedule counts optimizer updates
+    c.optim.warmup_steps = min(200, updates // 10)
+    c.optim.total_steps = updates
     c.optim.grad_clip_norm = 1.0
     c.total_steps = args.steps
     c.eval_every = 1_000

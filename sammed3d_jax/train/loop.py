@@ -202,7 +202,12 @@ def save_prediction_png(path: Path, image, label, logits, points) -> None:
 
 
 class Evaluator:
-    """Held-out Dice after 1..N clicks (inference protocol), plus a prediction PNG."""
+    """Held-out Dice after 1..N clicks (inference protocol), plus a prediction PNG.
+
+    The held-out items are prepared as the training items (``config.data``'s spacing,
+    orientation and CT clamping, no flips), except that every target in ``min_volume_mm3``
+    is scored however few of its voxels the crop holds.
+    """
 
     def __init__(self, config, graphdef, mesh, rules, crop_size: int, state_shardings):
         v = config.val
@@ -218,6 +223,9 @@ class Evaluator:
             tfds_dir="",  # held-out data come from val.root / val.records only
             splits=tuple(v.splits),
             flip_prob=0.0,
+            # Every target is scored, as the inference protocol does; the "> 1000 voxels in
+            # the crop" rule belongs to the original's training loader only.
+            min_crop_voxels=1,
             eval_batch_size=batch,
             num_workers=0,
         )
@@ -347,6 +355,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     clicks = tuple(config.val.clicks)
     if not clicks or any(not isinstance(c, int) or c < 1 for c in clicks):
         raise ValueError(f"val.clicks must be click counts >= 1, got {clicks!r}")
+    accumulation = int(config.optim.get("accumulation_steps", 1) or 1)
+    updates = config.total_steps // accumulation
+    schedule_steps = config.optim.get("total_steps")
+    if config.optim.get("schedule") == "warmup_cosine" and schedule_steps not in (None, updates):
+        log.warning(
+            "optim.total_steps=%s but the run makes %d optimizer updates (total_steps=%d / "
+            "accumulation_steps=%d): the cosine schedule %s",
+            schedule_steps,
+            updates,
+            config.total_steps,
+            accumulation,
+            "will not finish decaying" if schedule_steps > updates else "ends before the run",
+        )
 
 
 # What a checkpoint's arrays and its data position depend on: changing any of these

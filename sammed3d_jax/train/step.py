@@ -86,7 +86,8 @@ class TrainConfig:
       click_threshold: logit threshold of the previous prediction for click sampling.
       ce_weight: weight of the BCE term (0 = MONAI < 1.3, Dice only).
       dice_weight: weight of the Dice term.
-      normalization: "per_volume" or "batch" z-normalisation statistics.
+      normalization: z-normalisation statistics pooled over the "batch" (the original's
+        recipe: one mean and std for the whole batch, over voxels > 0) or "per_volume".
       dice_threshold: logit threshold of the logged Dice.
       remat_clicks: rematerialise each decoder pass in the backward pass (less memory).
       unroll_clicks: unroll the click loop (one straight-line program instead of a device
@@ -100,7 +101,7 @@ class TrainConfig:
     click_threshold: float = 0.5
     ce_weight: float = 1.0
     dice_weight: float = 1.0
-    normalization: Normalization = "per_volume"
+    normalization: Normalization = "batch"
     dice_threshold: float = 0.5
     remat_clicks: bool = False
     unroll_clicks: bool = False

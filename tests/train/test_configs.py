@@ -25,6 +25,7 @@ def _optim(config: ml_collections.ConfigDict) -> OptimConfig:
         (finetune, None),
         (finetune, "tiny"),
         (finetune, "steps=100"),
+        (finetune, "steps=1000,accumulation=4"),
         (pretrain, None),
         (pretrain, "steps=1000,accumulation=4"),
     ],
@@ -41,6 +42,19 @@ def test_pretrain_schedule_counts_optimizer_updates():
     optim = _optim(pretrain.get_config("steps=1000,accumulation=4"))
     assert optim.total_steps == 250 and optim.milestones == (150, 225)
     assert optim.grad_clip_norm is None  # the original clips nothing
+
+
+def test_finetune_schedule_counts_optimizer_updates(caplog):
+    optim = _optim(finetune.get_config("steps=20000,accumulation=20"))
+    assert (optim.total_steps, optim.warmup_steps, optim.accumulation_steps) == (1000, 100, 20)
+    config = finetune.get_config("steps=20000")
+    with caplog.at_level("WARNING"):
+        loop.check_config(config)
+    assert not caplog.records
+    config.optim.accumulation_steps = 20  # accumulation added without rescaling the schedule
+    with caplog.at_level("WARNING"):
+        loop.check_config(config)
+    assert "will not finish decaying" in caplog.text
 
 
 @pytest.mark.parametrize(
