@@ -149,6 +149,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert saved and saved[-1] == max(losses(workdir))
 
 
+@pytest.mark.slow
 def test_sigterm_during_evaluation_still_saves(tmp_path):
     """The signal arrives after the step's (skipped) save, while the evaluation runs."""
     workdir = tmp_path / "preempted_in_eval"
