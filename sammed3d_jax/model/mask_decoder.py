@@ -50,12 +50,15 @@ class MaskDecoder3D(nnx.Module):
         dense: Array,
         sparse_mask: Array | None = None,
         return_intermediates: bool = False,
+        mask_slice: slice = slice(None),
     ):
-        """All mask-token outputs: masks (B, M, 4g, 4g, 4g) float32 and IoU (B, M).
+        """Mask-token outputs: masks (B, M', 4g, 4g, 4g) float32 and IoU (B, M').
 
-        With `return_intermediates`, also a dict with the transformer outputs
-        (`transformer_queries` (B, T, C), `transformer_keys` (B, g^3, C)) and the
-        `upscaled_embedding` (B, 4g, 4g, 4g, C/8).
+        `mask_slice` picks the M' of the M mask tokens whose masks are computed (all by
+        default): only their hypernetworks run, so the training step's single-mask passes do
+        not run (and differentiate) the other three. With `return_intermediates`, also a dict
+        with the transformer outputs (`transformer_queries` (B, T, C), `transformer_keys`
+        (B, g^3, C)) and the `upscaled_embedding` (B, 4g, 4g, 4g, C/8).
         """
         b = sparse.shape[0]
         output_tokens = jnp.concatenate(
@@ -89,10 +92,10 @@ class MaskDecoder3D(nnx.Module):
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
 
+        chosen = range(self.num_mask_tokens)[mask_slice]
         hyper = jnp.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            axis=1,
-        )  # (B, M, C/8)
+            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in chosen], axis=1
+        )  # (B, M', C/8)
         grid = src.reshape(b, *g, -1)
         if return_intermediates:
             x = self._upscale(grid)
@@ -104,7 +107,7 @@ class MaskDecoder3D(nnx.Module):
             masks = jax.checkpoint(lambda s, h: self._mask_product(self._upscale(s), h))(
                 grid, hyper
             )
-        iou_pred = self.iou_prediction_head(iou_token_out).astype(F32)
+        iou_pred = self.iou_prediction_head(iou_token_out).astype(F32)[:, mask_slice]
         if return_intermediates:
             inter = {"transformer_queries": hs, "transformer_keys": src, "upscaled_embedding": x}
             return masks, iou_pred, inter
@@ -150,6 +153,7 @@ class MaskDecoder3D(nnx.Module):
         Returns:
           low-res mask logits (B, 1 or M-1, 4g, 4g, 4g) and IoU predictions (B, 1 or M-1).
         """
-        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse, dense, sparse_mask)
         sl = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sl], iou[:, sl]
+        return self.predict_masks(
+            image_embeddings, image_pe, sparse, dense, sparse_mask, mask_slice=sl
+        )
