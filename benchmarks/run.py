@@ -374,7 +374,9 @@ def bench_train(ours, ref, batch, clicks, repeats, gpu, variants, report=lambda 
         tx = make_optimizer(model, OptimConfig())
         graphdef, state = init_train_state(model, tx)
         step = jax.jit(make_train_step(graphdef, tx, train_cfg), donate_argnums=0)
+        t0 = time.perf_counter()
         compiled = step.lower(state, data, key).compile()
+        compile_s = time.perf_counter() - t0
         holder = {"state": state}
 
         def run(compiled=compiled, holder=holder):
@@ -384,6 +386,7 @@ def bench_train(ours, ref, batch, clicks, repeats, gpu, variants, report=lambda 
         steps[variant] = run
         mem = compiled.memory_analysis()
         name = _train_name(variant, variants)
+        out[f"{name}_compile_s"] = compile_s
         if mem is not None:
             total = (
                 mem.temp_size_in_bytes
