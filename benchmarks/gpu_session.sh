@@ -9,14 +9,15 @@
 # Python packages the GPU image lacks travel as wheels in .whl/ (see BENCHMARKS.md).
 # Each step has its own time limit and writes its output as it goes, so a step cut short
 # still leaves the others' results. A fresh machine's first CUDA start-up and compilations
-# are slow: the default steps' limits add up to 900 s, more than fits one 600 s call, so a
-# call names the steps it can afford. Durations seen on an H200: `encoder` with four variants
-# at batches 1 and 32 (original compiled at batch 1) 231 s; `train` with two variants 179 s;
-# `train_profile` 95 s; `encoder_profile` at batch 32 21 s. The original is compiled in both
+# are slow: the default steps' limits add up to more than fits one 600 s call, so a call
+# names the steps it can afford. Durations seen on an H200: `encoder` with four variants at
+# batches 1 and 32 (original compiled at batch 1) 231 s; `train` with its two default
+# variants (unrolled and device loop) 265 s; `train_cmdbuf` 113 s; `click` 35 s;
+# `train_profile` 95 s; `encoder_profile` at batch 32 21 s, at batch 1 16 s. The original is compiled in both
 # torch.compile modes (the compiled figures are the faster one's: "reduce-overhead" adds CUDA
 # graphs, as XLA's command buffers do for ours); by default the `encoder` step compiles it at
-# batch 16 as well, for the throughput ratio. The training step with the unrolled click loop
-# compiles for minutes: time it alone (STEPS=train TRAIN_VARIANTS=cudnn+unroll TRAIN_LIMIT=450).
+# batch 16 as well, for the throughput ratio. The training step's default on a GPU unrolls the
+# click loop (compiled in ~160 s on an H200); `+scan` times the device loop (~80 s).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 STEPS=${STEPS:-train click train_profile encoder_profile encoder tests}
@@ -50,19 +51,20 @@ bench() {  # bench NAME SECONDS ARGS...: one section of run.py, its JSON in $OUT
 for s in $STEPS; do
   case $s in
     # The original's training step needs ~63 GiB: it runs before anything else holds memory.
-    train) bench train "${TRAIN_LIMIT:-190}" --skip encoder,accuracy,click,pipeline \
-      --train-batch 12 --train-variants "${TRAIN_VARIANTS:-cudnn,cudnn+unroll}" ;;
+    train) bench train "${TRAIN_LIMIT:-360}" --skip encoder,accuracy,click,pipeline \
+      --train-batch 12 --train-variants "${TRAIN_VARIANTS:-cudnn,cudnn+scan}" ;;
     # The same with XLA's command buffers (CUDA graphs) also capturing device loops (the
     # click loop) and conditionals, which the default leaves out.
     train_cmdbuf) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
-      bench train_cmdbuf "${TRAIN_LIMIT:-190}" --skip encoder,accuracy,click,pipeline \
-      --train-batch 12 --train-variants "${TRAIN_VARIANTS:-cudnn,cudnn+unroll}" ;;
+      bench train_cmdbuf "${TRAIN_LIMIT:-200}" --skip encoder,accuracy,click,pipeline \
+      --train-batch 12 --train-variants "${TRAIN_VARIANTS:-cudnn+scan}" ;;
     click) bench click 70 --skip encoder,accuracy,train,pipeline ;;
     # Profiles run with command buffers (CUDA graphs) off: inside one, kernels cannot be
     # told apart (the wall time is then higher than in the benchmarks).
     train_profile) XLA_FLAGS="$NO_CMD_BUFFERS" \
       step train_profile "${TRAIN_PROFILE_LIMIT:-240}" python3 benchmarks/profile_train_step.py \
-      --device gpu --batch 12 --attention cudnn --by source --top 25 ;;
+      --device gpu --batch 12 --attention cudnn --by source --top 25 \
+      --click-loop "${PROFILE_CLICK_LOOP:-scan}" ;;  # a device loop: per-pass times
     encoder_profile) for b in ${PROFILE_BATCHES:-1 32}; do
         XLA_FLAGS="$NO_CMD_BUFFERS" step "encoder_profile_b$b" 40 \
           python3 benchmarks/profile_train_step.py --device gpu --target encoder --by source \

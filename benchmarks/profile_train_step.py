@@ -187,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clicks", type=int, default=11)
     p.add_argument("--attention", default="auto", help="attention_impl of the model")
     p.add_argument("--gelu", choices=["auto", "exact", "tanh"], default="auto", help="GELU form")
-    p.add_argument("--unroll", action="store_true", help="unroll the click loop")
+    p.add_argument(
+        "--click-loop",
+        choices=["auto", "scan", "unroll"],
+        default="auto",
+        help="the click loop as a device loop or unrolled (auto: unrolled on GPUs)",
+    )
     p.add_argument("--remat", action="store_true", help="rematerialise the encoder blocks")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--top", type=int, default=15, help="print the N most expensive ops")
@@ -249,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tx = make_optimizer(model, OptimConfig())
         graphdef, state = init_train_state(model, tx)
-        train_cfg = TrainConfig(num_clicks=args.clicks, unroll_clicks=args.unroll)
+        train_cfg = TrainConfig(num_clicks=args.clicks, click_loop=args.click_loop)
         fn = jax.jit(make_train_step(graphdef, tx, train_cfg), donate_argnums=0)
         inputs = (batch, key)
     compiled = fn.lower(state, *inputs).compile()

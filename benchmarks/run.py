@@ -98,13 +98,14 @@ def with_config(ours, **changes):
 
 # Variant flags that change the model's numerics (see Sam3DConfig), and the training ones.
 MODEL_FLAGS = {"tanh": {"gelu": "tanh"}, "exact": {"gelu": "exact"}}
-TRAIN_FLAGS = ("remat", "unroll")
+TRAIN_FLAGS = ("remat", "unroll", "scan")
 
 
 def parse_variant(variant: str, train: bool = False) -> tuple[dict[str, Any], set[str]]:
     """'IMPL[+flag...]' -> (model config changes, training flags). Model flags: exact / tanh
     (the encoder GELU's form; default "auto": tanh in bfloat16); training flags: remat
-    (encoder rematerialisation), unroll (unrolled click loop)."""
+    (encoder rematerialisation), unroll / scan (the click loop unrolled or a device loop;
+    default: TrainConfig's "auto", unrolled on GPUs)."""
     impl, *flags = variant.split("+")
     changes: dict[str, Any] = {"attention_impl": impl}
     train_flags = set()
@@ -118,6 +119,8 @@ def parse_variant(variant: str, train: bool = False) -> tuple[dict[str, Any], se
         else:
             known = sorted(MODEL_FLAGS) + (list(TRAIN_FLAGS) if train else [])
             raise ValueError(f"variant {variant!r}: unknown flag {flag!r} (known: {known})")
+    if {"unroll", "scan"} <= train_flags:
+        raise ValueError(f"variant {variant!r}: unroll and scan exclude each other")
     return changes, train_flags
 
 
@@ -366,7 +369,9 @@ def bench_train(ours, ref, batch, clicks, repeats, gpu, variants, report=lambda 
     for variant in variants:
         changes, flags = parse_variant(variant, train=True)
         train_cfg = TrainConfig(
-            num_clicks=clicks, unroll_clicks="unroll" in flags, normalization="batch"
+            num_clicks=clicks,
+            click_loop=next((f for f in ("unroll", "scan") if f in flags), "auto"),
+            normalization="batch",
         )
         model = with_config(ours, **changes)
         # A copy: the step donates its state, which must not delete `ours`' arrays.
@@ -494,8 +499,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--train-variants",
         default=None,
-        help="training variants IMPL[+remat][+unroll][+exact|+tanh] (encoder remat, "
-        "unrolled click loop, as --attention), first = main keys (default: first --attention)",
+        help="training variants IMPL[+remat][+unroll|+scan][+exact|+tanh] (encoder remat, "
+        "click loop unrolled or a device loop (default: unrolled on GPUs), as --attention), "
+        "first = main keys (default: first --attention)",
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)

@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
             normalization="batch",
             dice_threshold=0.5,
             remat_clicks=False,
-            unroll_clicks=False,
+            click_loop="auto",  # unrolled on GPUs (faster there), a device loop elsewhere
         )
     )
     # Optimizer (sammed3d_jax.train.optim.OptimConfig fields).

@@ -29,5 +29,8 @@ def test_variants_name_config_changes():
     assert variant_key("cudnn+tanh") == "cudnn_tanh"
     with pytest.raises(ValueError, match="unknown flag 'unroll'"):
         parse_variant("cudnn+unroll")  # a training flag is no encoder variant
+    assert parse_variant("cudnn+scan", train=True)[1] == {"scan"}
+    with pytest.raises(ValueError, match="exclude each other"):
+        parse_variant("cudnn+scan+unroll", train=True)
     with pytest.raises(ValueError, match="unknown flag 'fast'"):
         parse_variant("cudnn+fast", train=True)

@@ -218,8 +218,9 @@ def test_unrolled_click_loop_matches_scan(model):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     batch = sphere_batch(batch=1)
     results = []
-    for unroll in (False, True):
-        cfg = TrainConfig(num_clicks=3, no_point_low=1, no_point_high=1, unroll_clicks=unroll)
+    for loop in ("scan", "unroll"):
+        cfg = TrainConfig(num_clicks=3, no_point_low=1, no_point_high=1, click_loop=loop)
+        assert cfg.unroll == (loop == "unroll")
         fn = jax.jit(
             jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True), compiler_options=FAST
         )
@@ -330,3 +331,13 @@ def test_config_validation():
         TrainConfig(normalization="global")
     with pytest.raises(ValueError):
         TrainConfig(no_point_low=5, no_point_high=2)
+    with pytest.raises(ValueError, match="click_loop"):
+        TrainConfig(click_loop="unrolled")
+
+
+def test_click_loop_auto_unrolls_on_gpus_only(monkeypatch):
+    for backend, unrolled in (("gpu", True), ("cpu", False), ("tpu", False)):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert TrainConfig().unroll is unrolled
+        assert TrainConfig(click_loop="scan").unroll is False
+        assert TrainConfig(click_loop="unroll").unroll is True
