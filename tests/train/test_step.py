@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -17,6 +18,7 @@ from sammed3d_jax.train.optim import OptimConfig, make_optimizer, param_path
 from sammed3d_jax.train.step import (
     TrainConfig,
     TrainState,
+    global_norm,
     init_train_state,
     make_eval_step,
     make_loss_fn,
@@ -24,6 +26,7 @@ from sammed3d_jax.train.step import (
     normalize_images,
 )
 
+F32 = jnp.float32
 FAST = {"xla_backend_optimization_level": 0}
 S = 64
 OPTIM = OptimConfig(lr=3e-3, prompt_decoder_lr_mult=1.0, schedule="constant", weight_decay=0.0)
@@ -341,3 +344,22 @@ def test_click_loop_auto_unrolls_on_gpus_only(monkeypatch):
         assert TrainConfig().unroll is unrolled
         assert TrainConfig(click_loop="scan").unroll is False
         assert TrainConfig(click_loop="unroll").unroll is True
+
+
+def test_global_norm_matches_a_float64_sum():
+    rng = np.random.default_rng(0)
+    tree = {
+        "blocks": [{"w": jnp.asarray(rng.standard_normal((4, 3)), F32)} for _ in range(3)],
+        "bias": jnp.asarray(rng.standard_normal(3), F32),
+        "half": jnp.asarray(rng.standard_normal((4, 3)), jnp.bfloat16),
+        "scalar": jnp.float32(2.5),
+        "empty": jnp.zeros((0, 5), F32),
+    }
+    # float32 accumulation even for the bfloat16 leaf (optax squares it in bfloat16)
+    want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    np.testing.assert_allclose(float(jax.jit(global_norm)(tree)), want, rtol=1e-6)
+    f32_tree = {k: v for k, v in tree.items() if k != "half"}
+    np.testing.assert_allclose(
+        float(global_norm(f32_tree)), float(optax.global_norm(f32_tree)), rtol=1e-6
+    )
+    assert float(global_norm({})) == 0.0
