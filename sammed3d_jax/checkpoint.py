@@ -40,7 +40,7 @@ from sammed3d_jax.convert.torch_to_jax import (
     strip_prefix,
     torch_to_flax_state,
 )
-from sammed3d_jax.files import current_umask
+from sammed3d_jax.files import current_umask, replace_durably
 from sammed3d_jax.model.config import Sam3DConfig
 from sammed3d_jax.model.sam import Sam3D
 
@@ -129,10 +129,10 @@ def _atomic_dir(out_dir: Path, overwrite: bool):
             if out_dir.exists():
                 old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
                 os.replace(out_dir, old)
-                os.replace(tmp, out_dir)
+                replace_durably(tmp, out_dir)
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                os.replace(tmp, out_dir)
+                replace_durably(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -1,4 +1,6 @@
-"""Atomic file output: write under a temporary name beside the target, then rename."""
+"""Atomic, durable file output: write under a temporary name beside the target, flush it to
+disk, rename it over the target, then flush the folder (so the rename itself survives a
+power loss or a preempted machine, not only a crashed process)."""
 
 from __future__ import annotations
 
@@ -24,11 +26,58 @@ def current_umask() -> int:
     return mask
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (creations, renames) to disk, where the file system can.
+
+    Some file systems (network mounts, a few FUSE ones) refuse to sync a folder; the rename
+    has still happened there, so that is not an error.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """Flush every file and folder under ``root`` (before renaming a finished folder)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_file(os.path.join(folder, name))
+        fsync_dir(folder)
+
+
+def replace_durably(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``os.replace(src, dst)`` after flushing ``src`` (a file or a folder tree), then the
+    folder that holds ``dst``."""
+    if os.path.isdir(src):
+        fsync_tree(src)
+    else:
+        fsync_file(src)
+    os.replace(src, dst)
+    fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
 @contextlib.contextmanager
 def atomic_path(dst: Path, suffix: str = "") -> Iterator[str]:
     """A temporary file name beside ``dst``, renamed over it when the block succeeds.
 
-    Readers never see a partial ``dst``; on an error the temporary file is removed. The file
+    Readers never see a partial ``dst``, and the new file is on disk before it replaces the
+    old one (:func:`replace_durably`); on an error the temporary file is removed. The file
     gets the permissions of a newly created one (0o666 less the umask), not mkstemp's 0o600,
     so outputs stay readable by whoever could read the folder's other files.
     """
@@ -39,7 +88,7 @@ def atomic_path(dst: Path, suffix: str = "") -> Iterator[str]:
         os.fchmod(fd, 0o666 & ~current_umask())
         os.close(fd)
         yield tmp
-        os.replace(tmp, dst)
+        replace_durably(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -47,9 +96,7 @@ def atomic_path(dst: Path, suffix: str = "") -> Iterator[str]:
 
 
 def write_atomic(dst: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``dst`` atomically (flushed to disk before the rename)."""
+    """Write ``data`` to ``dst`` atomically and durably (see :func:`atomic_path`)."""
     with atomic_path(dst, suffix=".tmp") as tmp:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from sammed3d_jax.files import atomic_path, write_atomic
+from sammed3d_jax.files import atomic_path, replace_durably, write_atomic
 
 
 def _mode(path) -> int:
@@ -36,3 +36,32 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
             raise RuntimeError("interrupted")
     assert dst.read_bytes() == b"old"
     assert sorted(p.name for p in dst.parent.iterdir()) == ["out.txt"]
+
+
+def test_outputs_are_flushed_before_and_after_the_rename(tmp_path, monkeypatch):
+    # The new file's data reach the disk before it replaces the old one, and the folder's
+    # entry (the rename) after: otherwise a power loss can leave an empty or old file.
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_atomic(tmp_path / "a.json", "{}")
+    assert events == [("fsync", "file"), ("replace", "a.json"), ("fsync", "dir")]
+
+    events.clear()
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "x.bin").write_bytes(b"x")
+    replace_durably(src, tmp_path / "done")
+    assert events[-2:] == [("replace", "done"), ("fsync", "dir")]
+    assert ("fsync", "file") in events[:-2] and events[:-2].count(("fsync", "dir")) == 2
+    assert (tmp_path / "done" / "sub" / "x.bin").read_bytes() == b"x"

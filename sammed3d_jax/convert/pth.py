@@ -44,6 +44,8 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
+from sammed3d_jax.files import replace_durably
+
 __all__ = [
     "Namespace",
     "PthCorruptError",
@@ -1091,9 +1093,7 @@ def save_pth(path: str | os.PathLike[str], obj: Any) -> None:
             with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED) as zf:
                 for name, data, align in records:
                     _write_record(zf, fh, prefix + name, data, align)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        replace_durably(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -34,6 +34,7 @@ from flax import nnx
 
 from sammed3d_jax import sharding as sh
 from sammed3d_jax.data.pipeline import DataConfig, make_eval_dataset, make_train_dataset
+from sammed3d_jax.files import atomic_path, write_atomic
 from sammed3d_jax.model.config import NUMERIC_FIELDS, Sam3DConfig
 from sammed3d_jax.model.sam import abstract_sam3d, host_init
 from sammed3d_jax.train.checkpoint import TrainCheckpointer, abstract_like
@@ -195,10 +196,11 @@ def save_prediction_png(path: Path, image, label, logits, points) -> None:
         ax.set_title(f"axis A{axis} = {sl[axis]}  (green: label, red: prediction)")
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=80)
+    finally:
+        plt.close(fig)
 
 
 class Evaluator:
@@ -319,12 +321,6 @@ def maybe_initialize_distributed(dist: Any) -> None:
     )
     if cluster:
         jax.distributed.initialize()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_local_path(value: Any, name: str) -> None:
@@ -516,7 +512,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
         log.info("weights: %s", origin)
         if is_main:  # once the run is set up: a failed start leaves no config behind
-            _write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
+            write_atomic(workdir / "config.json", config.to_json_best_effort(indent=1) + "\n")
         log.info(
             "per-device bytes: params %.1f MB, optimizer %.1f MB; total params %.1f MB",
             sh.nbytes_per_device(state.params) / 1e6,

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from sammed3d_jax.files import atomic_path, write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -81,9 +83,7 @@ class MetricWriter:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{x}\n" for x in kept))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(f"{x}\n" for x in kept))
         self._file = open(path, "a", buffering=1)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -156,8 +156,9 @@ def plot_curves(workdir: str | os.PathLike, out_name: str = "curves.png") -> Pat
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(workdir) / out_name
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_path(out, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return out
