@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
             ce_weight=1.0,
             dice_weight=1.0,
             normalization="batch",
+            normalization_group=0,  # 0: pool the whole batch; n: groups of n samples
             dice_threshold=0.5,
             remat_clicks=False,
             click_loop="auto",  # unrolled on GPUs (faster there), a device loop elsewhere

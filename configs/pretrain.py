@@ -9,7 +9,9 @@
 The original: `vit_b_ori`, AdamW lr 8e-4 (encoder) / 8e-5 (prompt encoder, decoder), weight
 decay 0.1 on every trained parameter, MultiStepLR x0.1 at 60 % and 90 % of training, 11 clicks
 with one no-point pass at a random step and at the end, DiceCE summed over passes, batch 12
-with 20-step gradient accumulation, batch-pooled z-normalisation, CT clamp for `ct*` datasets.
+with 20-step gradient accumulation, batch-pooled z-normalisation (over each GPU's 12 samples:
+`train.normalization_group=12` here when the batch is a multiple of 12, else the whole batch),
+CT clamp for `ct*` datasets.
 Here the global batch is spread over the mesh (data x fsdp), parameters and optimizer state
 are sharded over `fsdp`, and compute is bfloat16. The default takes one optimizer step per
 global batch of 96; `batch=12,accumulation=20` is the original's exact schedule. `steps`
@@ -31,6 +33,9 @@ def get_config(arg: str | None = None):
     c.data.batch_size = args.batch
     c.data.num_workers = 8
     c.model.remat = True
+    # Statistics pooled over groups of 12 samples (the original's batch per GPU), not over
+    # the whole global batch; with 12 samples per device each device pools its own.
+    c.train.normalization_group = 12 if args.batch % 12 == 0 else 0
     c.optim.accumulation_steps = args.accumulation
     updates = args.steps // max(args.accumulation, 1)  # the schedule counts optimizer updates
     c.optim.total_steps = updates

@@ -351,6 +351,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     clicks = tuple(config.val.clicks)
     if not clicks or any(not isinstance(c, int) or c < 1 for c in clicks):
         raise ValueError(f"val.clicks must be click counts >= 1, got {clicks!r}")
+    group = config.train.get("normalization_group", 0) or 0
+    if not isinstance(group, int) or group < 0 or (group and config.data.batch_size % group):
+        raise ValueError(
+            f"train.normalization_group={group!r} must be 0 (pool the whole batch) or a "
+            f"divisor of data.batch_size={config.data.batch_size}"
+        )
     accumulation = int(config.optim.get("accumulation_steps", 1) or 1)
     updates = config.total_steps // accumulation
     schedule_steps = config.optim.get("total_steps")

@@ -6,21 +6,23 @@ Training step (``make_train_step``), one call per micro-batch, following the ori
    the unbiased standard deviation of its voxels > 0 — per volume (``"per_volume"``, what
    inference does) or pooled over the valid samples of the batch (``"batch"``, what the
    original training loop does by handing the whole batch to torchio as one multi-channel
-   image). Voxels <= 0 are excluded from the statistics but normalised. Where the original
-   raises (no or one positive voxel, or a zero standard deviation) the mean falls back to 0
-   and the standard deviation to 1.
+   image; ``normalization_group`` pools groups of the batch, as each of the original's
+   processes pools its own). Voxels <= 0 are excluded from the statistics but normalised.
+   Where the original raises (no or one positive voxel, or a zero standard deviation) the
+   mean falls back to 0 and the standard deviation to 1.
 2. The image encoder runs once.
-3. ``num_clicks`` decoder passes in a ``lax.scan`` (unrolled on GPUs, ``click_loop``). Each pass draws one click per sample
-   uniformly from the error region of the previous full-resolution logits (logits
-   ``> click_threshold``; the first click is a uniform foreground voxel), embeds the prompts
-   with the previous **raw low-res logits** as mask prompt (zeros at first; not detached, so
-   gradients flow through every pass and through ``mask_downscaling``), decodes a single
-   mask, upsamples it trilinearly and adds its DiceCE loss. One "no-point" pass at a random
-   ``t = r``, ``r`` uniform in ``[no_point_low, no_point_high]`` (drawn once per batch), and the
-   last pass see the mask prompt only: all sparse tokens, the padding point included, are
-   masked out, which equals the original's ``points=None`` call. Clicks are drawn at the
-   no-point passes too. With ``multi_click=False`` a pointed pass sees its newest click only;
-   with ``multi_click=True`` it sees every click so far (``num_clicks`` point slots plus a slot
+3. ``num_clicks`` decoder passes in a ``lax.scan`` (unrolled on GPUs: ``click_loop``). Each
+   pass draws one click per sample uniformly from the error region of the previous
+   full-resolution logits (logits ``> click_threshold``; the first click is a uniform
+   foreground voxel), embeds the prompts with the previous **raw low-res logits** as mask
+   prompt (zeros at first; not detached, so gradients flow through every pass and through
+   ``mask_downscaling``), decodes a single mask, upsamples it trilinearly and adds its
+   DiceCE loss. One "no-point" pass at a random ``t = r``, ``r`` uniform in ``[no_point_low,
+   no_point_high]`` (drawn once per batch), and the last pass see the mask prompt only: all
+   sparse tokens, the padding point included, are masked out, which equals the original's
+   ``points=None`` call. Clicks are drawn at the no-point passes too. With
+   ``multi_click=False`` a pointed pass sees its newest click only; with
+   ``multi_click=True`` it sees every click so far (``num_clicks`` point slots plus a slot
    mask). A click whose error region is empty is invalid and its slot is masked.
 4. The loss is the **sum** of the per-pass losses (each a batch mean over valid samples).
 
@@ -90,6 +92,10 @@ class TrainConfig:
       dice_weight: weight of the Dice term.
       normalization: z-normalisation statistics pooled over the "batch" (the original's
         recipe: one mean and std for the whole batch, over voxels > 0) or "per_volume".
+      normalization_group: with "batch", pool over consecutive groups of this many samples
+        instead of the whole (global) batch (0). The original pools each process's batch
+        (12 per GPU); a global batch spread over devices reproduces that with its per-device
+        batch here, and each device then reduces only its own samples.
       dice_threshold: logit threshold of the logged Dice.
       remat_clicks: rematerialise each decoder pass in the backward pass (less memory).
       click_loop: "scan" (a device loop over the passes), "unroll" (one straight-line
@@ -107,6 +113,7 @@ class TrainConfig:
     ce_weight: float = 1.0
     dice_weight: float = 1.0
     normalization: Normalization = "batch"
+    normalization_group: int = 0
     dice_threshold: float = 0.5
     remat_clicks: bool = False
     click_loop: ClickLoop = "auto"
@@ -118,6 +125,8 @@ class TrainConfig:
             raise ValueError("need 0 <= no_point_low <= no_point_high")
         if self.normalization not in ("per_volume", "batch"):
             raise ValueError(f"unknown normalization {self.normalization!r}")
+        if self.normalization_group < 0:
+            raise ValueError(f"normalization_group must be >= 0, got {self.normalization_group}")
         if self.click_loop not in ("auto", "scan", "unroll"):
             raise ValueError(
                 f"click_loop must be one of auto, scan, unroll, got {self.click_loop!r}"
@@ -166,7 +175,10 @@ def init_train_state(
 
 
 def normalize_images(
-    image: Array, mode: Normalization = "per_volume", sample_mask: Array | None = None
+    image: Array,
+    mode: Normalization = "per_volume",
+    sample_mask: Array | None = None,
+    group: int = 0,
 ) -> Array:
     """Z-normalise with the mean and unbiased std of the voxels > 0.
 
@@ -174,10 +186,24 @@ def normalize_images(
       image: (B, S0, S1, S2) raw intensities.
       mode: "per_volume" (statistics of each volume) or "batch" (pooled over the batch).
       sample_mask: optional (B,) bool; invalid samples are excluded from pooled statistics.
+      group: with "batch", pool over consecutive groups of this many samples (0: the whole
+        batch); B must be a multiple of it.
 
     Returns:
       (B, S0, S1, S2) float32 ``(x - mean) / std`` applied to every voxel.
     """
+    if mode == "batch" and group and group != image.shape[0]:
+        if group < 0 or image.shape[0] % group:
+            raise ValueError(
+                f"normalization group {group} must divide the batch size {image.shape[0]}"
+            )
+        b = image.shape[0]
+        grouped = image.reshape(b // group, group, *image.shape[1:])
+        masks = None if sample_mask is None else sample_mask.reshape(b // group, group)
+        out = jax.vmap(lambda x, m: normalize_images(x, "batch", m))(
+            grouped, masks if masks is not None else jnp.ones((b // group, group), bool)
+        )
+        return out.reshape(image.shape)
     x = image.astype(F32)
     m = x > 0
     if sample_mask is not None:
@@ -247,7 +273,9 @@ def make_loss_fn(
         model = nnx.merge(graphdef, params, rest)
         size = model.config.img_size
         low_size = model.config.low_res_size
-        image = normalize_images(batch["image"], cfg.normalization, sample_mask)
+        image = normalize_images(
+            batch["image"], cfg.normalization, sample_mask, cfg.normalization_group
+        )
         emb = model.encode(image)
         image_pe = model.prompt_encoder.get_dense_pe()
 

@@ -44,6 +44,17 @@ def test_pretrain_schedule_counts_optimizer_updates():
     assert optim.grad_clip_norm is None  # the original clips nothing
 
 
+def test_pretrain_pools_normalisation_over_the_originals_per_gpu_batch():
+    assert pretrain.get_config().train.normalization_group == 12  # global batch 96
+    assert pretrain.get_config("batch=20").train.normalization_group == 0
+    config = cpu_demo.get_config()  # batch 4
+    config.train.normalization_group = 3
+    with pytest.raises(ValueError, match=r"train\.normalization_group=3 .*data\.batch_size=4"):
+        loop.check_config(config)
+    config.train.normalization_group = 2
+    loop.check_config(config)
+
+
 def test_finetune_schedule_counts_optimizer_updates(caplog):
     optim = _optim(finetune.get_config("steps=20000,accumulation=20"))
     assert (optim.total_steps, optim.warmup_steps, optim.accumulation_steps) == (1000, 100, 20)

@@ -363,3 +363,24 @@ def test_global_norm_matches_a_float64_sum():
         float(global_norm(f32_tree)), float(optax.global_norm(f32_tree)), rtol=1e-6
     )
     assert float(global_norm({})) == 0.0
+
+
+def test_normalization_groups_pool_consecutive_samples():
+    rng = np.random.default_rng(1)
+    img = rng.normal(50.0, 30.0, (6, 4, 4, 4)).astype(np.float32)
+    img[2] *= 5.0  # groups with different statistics
+    mask = np.array([True, True, False, True, True, True])
+    got = np.asarray(normalize_images(jnp.asarray(img), "batch", jnp.asarray(mask), group=3))
+    for g in range(2):
+        sl = slice(3 * g, 3 * g + 3)
+        want = normalize_images(jnp.asarray(img[sl]), "batch", jnp.asarray(mask[sl]))
+        np.testing.assert_allclose(got[sl], np.asarray(want), rtol=1e-5, atol=1e-5)
+    whole = normalize_images(jnp.asarray(img), "batch", jnp.asarray(mask))
+    np.testing.assert_allclose(
+        np.asarray(normalize_images(jnp.asarray(img), "batch", jnp.asarray(mask), group=6)),
+        np.asarray(whole),
+    )
+    with pytest.raises(ValueError, match="must divide the batch size 6"):
+        normalize_images(jnp.asarray(img), "batch", group=4)
+    with pytest.raises(ValueError, match="normalization_group"):
+        TrainConfig(normalization_group=-1)
