@@ -22,7 +22,12 @@ from flax import nnx  # noqa: E402
 from sammed3d_jax import Sam3DConfig, abstract_sam3d, build_sam3d  # noqa: E402
 from sammed3d_jax import sharding as sh  # noqa: E402
 from sammed3d_jax.train.optim import OptimConfig, make_optimizer  # noqa: E402
-from sammed3d_jax.train.step import TrainConfig, TrainState, make_train_step  # noqa: E402
+from sammed3d_jax.train.step import (  # noqa: E402
+    TrainConfig,
+    TrainState,
+    make_train_step,
+    normalize_images,
+)
 
 MESHES = {"8,1,1": (8, 1, 1), "2,4,1": (2, 4, 1), "2,2,2": (2, 2, 2), "1,8,1": (1, 8, 1)}
 
@@ -126,6 +131,15 @@ def main() -> None:
         if nbytes >= 1 << 20 and all(s is None for s in spec):
             big_replicated.append(jax.tree_util.keystr(path))
     out["vit_b_ori_fsdp8_replicated_over_1MB"] = big_replicated
+    # Batch statistics pooled over groups of 2 samples, the batch spread over 8 devices
+    # (1 per device, so a group spans two devices) and over 4 (2 per device: local groups).
+    norm = jax.jit(lambda x: normalize_images(x, "batch", None, 2))
+    want = np.asarray(norm(image))
+    out["grouped_normalization_max_diff"] = {}
+    for devices in (8, 4):
+        mesh = sh.make_mesh({"data": devices}, jax.devices()[:devices])
+        got = np.asarray(norm(jax.device_put(image, sh.batch_sharding(mesh, 4))))
+        out["grouped_normalization_max_diff"][str(devices)] = float(np.abs(got - want).max())
     print(json.dumps(out))
 
 

@@ -50,6 +50,11 @@ def test_full_size_model_has_no_replicated_parameter_over_1mb(report):
     assert report["vit_b_ori_fsdp8_replicated_over_1MB"] == []
 
 
+def test_grouped_normalization_is_the_same_on_any_batch_sharding(report):
+    for devices, diff in report["grouped_normalization_max_diff"].items():
+        assert diff < 1e-5, devices
+
+
 def test_mesh_shape_rules():
     assert sh.mesh_shape({"data": -1}, 8) == (8, 1, 1)
     assert sh.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
