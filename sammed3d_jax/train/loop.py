@@ -40,7 +40,7 @@ from sammed3d_jax.model.sam import abstract_sam3d, host_init
 from sammed3d_jax.train.checkpoint import TrainCheckpointer, abstract_like
 from sammed3d_jax.train.optim import OptimConfig, make_optimizer
 from sammed3d_jax.train.step import TrainConfig, TrainState, make_eval_step, make_train_step
-from sammed3d_jax.train.writers import MetricWriter, plot_curves
+from sammed3d_jax.train.writers import MetricWriter, plot_curves, window_metrics
 
 log = logging.getLogger("sammed3d_jax.train")
 
@@ -560,6 +560,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
         def flush(force_eval: bool = False) -> None:
             nonlocal last, t_log, wait, steps_since
+            rows = []
             for s, m in pending:
                 host = {k: float(v) for k, v in jax.device_get(m).items()}
                 bad = [k for k, v in host.items() if not math.isfinite(v)]
@@ -567,7 +568,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     raise NonFiniteError(
                         f"step {s}: non-finite " + ", ".join(f"train/{k} = {host[k]}" for k in bad)
                     )
-                last = {f"train/{k}": v for k, v in host.items()}
+                rows.append(host)
+            if rows:  # the steps since the previous line: means, lr and param_norm latest
+                last = {f"train/{k}": v for k, v in window_metrics(rows).items()}
             pending.clear()
             dt = max(time.time() - t_log, 1e-9)
             last["perf/volumes_per_sec"] = steps_since * data_cfg.batch_size / dt

@@ -4,6 +4,11 @@ Only the main process (``jax.process_index() == 0``) writes. `W/metrics.jsonl` h
 JSON object per logged step with `step` and namespaced keys (`train/loss`, `eval/dice_1`,
 `perf/volumes_per_sec`, ...). Appends are flushed line by line, so a killed run keeps every
 completed line, and a resumed run drops lines past the restored step before appending.
+
+A logged line's training metrics summarise the steps since the previous line
+(:func:`window_metrics`): means of the per-step values (loss, Dice, gradient and update norms,
+...), except those that describe the state reached (learning rates, parameter norm), which
+are the last step's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,26 @@ import numpy as np
 from sammed3d_jax.files import atomic_path, write_atomic
 
 METRICS_FILE = "metrics.jsonl"
+# Training metrics that describe the state after a step rather than the step's batch.
+LATEST_METRICS = ("lr/", "param_norm")
+
+
+def window_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
+    """One line's metrics from the per-step metrics since the previous line (oldest first).
+
+    Means over the steps, except keys starting with an entry of `LATEST_METRICS`, which take
+    the last step's value. Keys missing from some steps are averaged over the others.
+    """
+    if not rows:
+        return {}
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        values = [float(row[key]) for row in rows if key in row]
+        if key.startswith(LATEST_METRICS):
+            out[key] = values[-1]
+        else:
+            out[key] = math.fsum(values) / len(values)
+    return out
 
 
 def _to_python(v: Any) -> Any:

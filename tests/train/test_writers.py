@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sammed3d_jax.train.writers import METRICS_FILE, MetricWriter
+from sammed3d_jax.train.writers import METRICS_FILE, MetricWriter, window_metrics
 
 event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
 
@@ -78,3 +78,17 @@ def test_disabled_writer_writes_nothing(tmp_path):
     w.write(1, {"train/loss": 1.0})
     w.close()
     assert not (tmp_path / "w").exists()
+
+
+def test_logged_line_summarises_the_steps_since_the_previous_one():
+    rows = [
+        {"loss": 4.0, "dice": 0.2, "lr/image_encoder": 1e-3, "param_norm": 10.0},
+        {"loss": 2.0, "dice": 0.4, "lr/image_encoder": 5e-4, "param_norm": 11.0},
+        {"loss": 3.0, "dice": 0.6, "lr/image_encoder": 2e-4, "param_norm": 12.0, "extra": 7.0},
+    ]
+    got = window_metrics(rows)
+    assert got["loss"] == 3.0 and abs(got["dice"] - 0.4) < 1e-12  # means
+    assert got["lr/image_encoder"] == 2e-4 and got["param_norm"] == 12.0  # the state reached
+    assert got["extra"] == 7.0  # only where present
+    assert window_metrics(rows[:1]) == rows[0]
+    assert window_metrics([]) == {}
