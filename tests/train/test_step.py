@@ -204,6 +204,7 @@ def test_gradient_flow_and_padding(loss_and_grad):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow  # non-default options; keeps the default run inside its time budget
 def test_multi_click_with_remat_runs(model):
     cfg = TrainConfig(
         multi_click=True, num_clicks=4, no_point_low=1, no_point_high=2, remat_clicks=True
