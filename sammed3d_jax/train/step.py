@@ -224,14 +224,20 @@ def normalize_images(
 def global_norm(tree: Any) -> Array:
     """The L2 norm of all leaves together, float32 (``optax.global_norm``, summed in groups).
 
-    Leaves of the same shape and dtype (the encoder blocks' weights, ...) are stacked and
-    reduced together, which XLA compiles into one reduction per group instead of one per
-    leaf: a few dozen kernels for the whole model instead of hundreds, per norm and step.
-    Stacking identically sharded leaves needs no communication.
+    Leaves of the same shape, dtype and sharding annotation (``logical_axes`` of an
+    ``nnx.Variable``: the encoder blocks' weights, ...) are stacked and reduced together,
+    which XLA compiles into one reduction per group instead of one per leaf: a few dozen
+    kernels for the whole model instead of hundreds, per norm and step. Leaves of one group
+    are laid out alike on any mesh, so stacking them moves no data between devices.
     """
-    groups: dict[tuple[tuple[int, ...], Any], list[Array]] = {}
-    for leaf in jax.tree.leaves(tree):
-        groups.setdefault((leaf.shape, leaf.dtype), []).append(leaf)
+    groups: dict[tuple[Any, ...], list[Array]] = {}
+    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        axes = None
+        if isinstance(leaf, nnx.Variable):
+            axes = leaf.get_metadata().get("logical_axes")
+            leaf = leaf[...]
+        axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+        groups.setdefault((leaf.shape, leaf.dtype, axes), []).append(leaf)
     total = jnp.zeros((), F32)
     for leaves in groups.values():
         x = leaves[0] if len(leaves) == 1 else jnp.stack(leaves)

@@ -366,6 +366,23 @@ def test_global_norm_matches_a_float64_sum():
     assert float(global_norm({})) == 0.0
 
 
+def test_global_norm_groups_leaves_by_shape_dtype_and_sharding_annotation():
+    def param(value, axes):
+        return nnx.Param(jnp.asarray(value, F32), logical_axes=axes)
+
+    tree = nnx.State(
+        {
+            "a": param(np.ones((4, 3)), ("embed", "mlp")),
+            "b": param(np.full((4, 3), 2.0), ("embed", "mlp")),
+            "c": param(np.full((4, 3), 3.0), ("mlp", "embed")),  # laid out differently
+            "d": param(np.ones(3), ("mlp",)),
+        }
+    )
+    np.testing.assert_allclose(float(global_norm(tree)), np.sqrt(12 * (1 + 4 + 9) + 3), 1e-6)
+    # one reduction per group: {a, b}, {c}, {d}
+    assert jax.jit(global_norm).lower(tree).as_text().count("stablehlo.reduce") == 3
+
+
 def test_normalization_groups_pool_consecutive_samples():
     rng = np.random.default_rng(1)
     img = rng.normal(50.0, 30.0, (6, 4, 4, 4)).astype(np.float32)
