@@ -40,7 +40,7 @@ from sammed3d_jax.convert.torch_to_jax import (
     strip_prefix,
     torch_to_flax_state,
 )
-from sammed3d_jax.files import current_umask, replace_durably
+from sammed3d_jax.files import current_umask, fsync_dir, fsync_tree, replace_durably
 from sammed3d_jax.model.config import Sam3DConfig
 from sammed3d_jax.model.sam import Sam3D
 
@@ -127,9 +127,17 @@ def _atomic_dir(out_dir: Path, overwrite: bool):
         try:
             yield tmp
             if out_dir.exists():
+                # The new tree is on disk before the old one moves aside, so the two
+                # renames are all that separates them.
+                fsync_tree(tmp)
                 old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
                 os.replace(out_dir, old)
-                replace_durably(tmp, out_dir)
+                try:
+                    os.replace(tmp, out_dir)
+                except BaseException:
+                    os.replace(old, out_dir)
+                    raise
+                fsync_dir(out_dir.parent)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 replace_durably(tmp, out_dir)

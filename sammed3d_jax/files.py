@@ -5,6 +5,7 @@ power loss or a preempted machine, not only a crashed process)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -26,11 +27,21 @@ def current_umask() -> int:
     return mask
 
 
+# fsync errors meaning "this file system does not sync" rather than "the data are lost"
+_NO_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS}
+
+
 def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a written file's data to disk."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a written file's data to disk (a no-op where the file system cannot)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:  # a file its owner may write but not read
+        fd = os.open(path, os.O_WRONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_SYNC:
+            raise
     finally:
         os.close(fd)
 
@@ -57,7 +68,9 @@ def fsync_tree(root: str | os.PathLike) -> None:
     """Flush every file and folder under ``root`` (before renaming a finished folder)."""
     for folder, _, files in os.walk(root):
         for name in files:
-            fsync_file(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                fsync_file(path)
         fsync_dir(folder)
 
 

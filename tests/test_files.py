@@ -65,3 +65,46 @@ def test_outputs_are_flushed_before_and_after_the_rename(tmp_path, monkeypatch):
     assert events[-2:] == [("replace", "done"), ("fsync", "dir")]
     assert ("fsync", "file") in events[:-2] and events[:-2].count(("fsync", "dir")) == 2
     assert (tmp_path / "done" / "sub" / "x.bin").read_bytes() == b"x"
+
+
+def test_file_systems_without_fsync_are_tolerated_and_io_errors_are_not(tmp_path, monkeypatch):
+    import errno
+
+    def refuse(fd):
+        raise OSError(errno.EINVAL, "fsync not supported")
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    write_atomic(tmp_path / "a.txt", "new")  # e.g. a FUSE mount: written, not synced
+    assert (tmp_path / "a.txt").read_text() == "new"
+
+    def broken(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError, match="I/O error"):
+        write_atomic(tmp_path / "a.txt", "newer")
+    assert (tmp_path / "a.txt").read_text() == "new"  # the old file stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_checkpoint_folder_overwrite_keeps_the_old_one_when_the_swap_fails(tmp_path, monkeypatch):
+    from sammed3d_jax import checkpoint
+
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append(os.path.basename(dst))
+        if len(calls) == 2:  # moving the new folder into place
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        with checkpoint._atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("new")
+    assert (out / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
