@@ -56,8 +56,8 @@ for s in $STEPS; do
     # The same with XLA's command buffers (CUDA graphs) also capturing device loops (the
     # click loop) and conditionals, which the default leaves out.
     train_cmdbuf) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
-      bench train_cmdbuf "${TRAIN_LIMIT:-200}" --skip encoder,accuracy,click,pipeline \
-      --train-batch 12 --train-variants "${TRAIN_VARIANTS:-cudnn+scan}" ;;
+      bench train_cmdbuf "${CMDBUF_LIMIT:-200}" --skip encoder,accuracy,click,pipeline \
+      --train-batch 12 --train-variants "${CMDBUF_VARIANTS:-cudnn+scan}" ;;
     click) bench click 70 --skip encoder,accuracy,train,pipeline ;;
     # Profiles run with command buffers (CUDA graphs) off: inside one, kernels cannot be
     # told apart (the wall time is then higher than in the benchmarks).

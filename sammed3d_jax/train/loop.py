@@ -352,7 +352,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not clicks or any(not isinstance(c, int) or c < 1 for c in clicks):
         raise ValueError(f"val.clicks must be click counts >= 1, got {clicks!r}")
     group = config.train.get("normalization_group", 0) or 0
-    if not isinstance(group, int) or group < 0 or (group and config.data.batch_size % group):
+    bad_type = isinstance(group, bool) or not isinstance(group, int)
+    if bad_type or group < 0 or (group and config.data.batch_size % group):
         raise ValueError(
             f"train.normalization_group={group!r} must be 0 (pool the whole batch) or a "
             f"divisor of data.batch_size={config.data.batch_size}"

@@ -125,8 +125,14 @@ class TrainConfig:
             raise ValueError("need 0 <= no_point_low <= no_point_high")
         if self.normalization not in ("per_volume", "batch"):
             raise ValueError(f"unknown normalization {self.normalization!r}")
-        if self.normalization_group < 0:
-            raise ValueError(f"normalization_group must be >= 0, got {self.normalization_group}")
+        group = self.normalization_group
+        if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+            raise ValueError(f"normalization_group must be an integer >= 0, got {group!r}")
+        if group and self.normalization != "batch":
+            raise ValueError(
+                f"normalization_group={group} pools batch statistics: it needs "
+                f"normalization='batch', not {self.normalization!r}"
+            )
         if self.click_loop not in ("auto", "scan", "unroll"):
             raise ValueError(
                 f"click_loop must be one of auto, scan, unroll, got {self.click_loop!r}"

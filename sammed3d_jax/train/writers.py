@@ -6,9 +6,10 @@ JSON object per logged step with `step` and namespaced keys (`train/loss`, `eval
 completed line, and a resumed run drops lines past the restored step before appending.
 
 A logged line's training metrics summarise the steps since the previous line
-(:func:`window_metrics`): means of the per-step values (loss, Dice, gradient and update norms,
-...), except those that describe the state reached (learning rates, parameter norm), which
-are the last step's.
+(:func:`window_metrics`): means of the per-step values (loss, Dice, gradient norm, ...),
+except those that describe the state reached (learning rates, parameter norm), which are the
+last step's, and the update norm, averaged over the steps that applied an update (with
+gradient accumulation, every k-th).
 """
 
 from __future__ import annotations
@@ -28,13 +29,17 @@ from sammed3d_jax.files import atomic_path, write_atomic
 METRICS_FILE = "metrics.jsonl"
 # Training metrics that describe the state after a step rather than the step's batch.
 LATEST_METRICS = ("lr/", "param_norm")
+# Metrics of the optimizer updates: zero on the micro-steps of gradient accumulation that
+# apply none, so they average over the steps that applied one.
+UPDATE_METRICS = ("update_norm",)
 
 
 def window_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
     """One line's metrics from the per-step metrics since the previous line (oldest first).
 
     Means over the steps, except keys starting with an entry of `LATEST_METRICS`, which take
-    the last step's value. Keys missing from some steps are averaged over the others.
+    the last step's value, and `UPDATE_METRICS`, averaged over the steps with a non-zero
+    value (0 when none had one). Keys missing from some steps are averaged over the others.
     """
     if not rows:
         return {}
@@ -43,8 +48,10 @@ def window_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
         values = [float(row[key]) for row in rows if key in row]
         if key.startswith(LATEST_METRICS):
             out[key] = values[-1]
-        else:
-            out[key] = math.fsum(values) / len(values)
+            continue
+        if key.startswith(UPDATE_METRICS):
+            values = [v for v in values if v != 0.0] or [0.0]
+        out[key] = math.fsum(values) / len(values)
     return out
 
 

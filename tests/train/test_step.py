@@ -402,3 +402,7 @@ def test_normalization_groups_pool_consecutive_samples():
         normalize_images(jnp.asarray(img), "batch", group=4)
     with pytest.raises(ValueError, match="normalization_group"):
         TrainConfig(normalization_group=-1)
+    with pytest.raises(ValueError, match="normalization_group"):
+        TrainConfig(normalization_group=True)
+    with pytest.raises(ValueError, match="needs normalization='batch'"):
+        TrainConfig(normalization="per_volume", normalization_group=2)

@@ -92,3 +92,8 @@ def test_logged_line_summarises_the_steps_since_the_previous_one():
     assert got["extra"] == 7.0  # only where present
     assert window_metrics(rows[:1]) == rows[0]
     assert window_metrics([]) == {}
+    # gradient accumulation over 2 micro-steps: only every second step updates
+    accumulated = [{"update_norm": 0.0}, {"update_norm": 0.3}, {"update_norm": 0.0}]
+    accumulated.append({"update_norm": 0.5})
+    assert abs(window_metrics(accumulated)["update_norm"] - 0.4) < 1e-12
+    assert window_metrics(accumulated[:1])["update_norm"] == 0.0
