@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.run import interleaved_medians, parse_variant, variant_key
+from benchmarks.run import cpu_model, interleaved_medians, parse_variant, variant_key
 
 
 def test_interleaved_medians_runs_round_robin_after_one_warm_up_each():
@@ -34,3 +34,12 @@ def test_variants_name_config_changes():
         parse_variant("cudnn+scan+unroll", train=True)
     with pytest.raises(ValueError, match="unknown flag 'fast'"):
         parse_variant("cudnn+fast", train=True)
+
+
+def test_cpu_model_names_the_generation(tmp_path):
+    info = tmp_path / "cpuinfo"
+    core = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+    core += "model name\t: AMD EPYC\nstepping\t: 1\n\n"
+    info.write_text(core.format(0) + core.format(1).replace("26", "25"))
+    assert cpu_model(info) == "AMD EPYC (cpu family 26, model 2, stepping 1)"  # first CPU only
+    assert cpu_model(tmp_path / "missing")  # falls back to the platform's name
