@@ -366,24 +366,30 @@ class Attention(nnx.Module):
             # The padded keys are the window minus the real box, split into three disjoint
             # sets so that every sum has positive terms only (no cancellation):
             #   c >= nw;   c < nw and a >= nd;   c < nw, a < nd and b >= nh.
-            # Each is a log-sum-exp over the key column c of A_c + log SB_c + log SC_c.
+            # Each is a sum over the key column c of e^(A_c + log SB_c + log SC_c); one
+            # log-sum-exp takes the three sets' columns side by side. The per-column sums over
+            # a (SB) and over b (SC) are split at the real box once and recombined.
             lse = jax.nn.logsumexp
             x_ext = terms.b.shape[4]
-            sb_all, sc_all = lse(terms.b, axis=4), lse(terms.c, axis=4)  # (B, K, nd, nh, X)
-            sb_real = lse(terms.b[:, :, :, :, :nd], axis=4)
             a = terms.a  # (B, K, nd, nh, nw, X)
-            parts = []
+
+            def split_lse(t: Array, real: int) -> tuple[Array, Array | None]:
+                """Log-sums over axis 4 of t's real rows and of its padded rows (None if none)."""
+                pad = lse(t[:, :, :, :, real:], axis=4) if real < x_ext else None
+                return lse(t[:, :, :, :, :real], axis=4), pad
+
+            sb_real, sb_pad = split_lse(terms.b, nd)  # (B, K, nd, nh, X)
+            sc_real, sc_pad = split_lse(terms.c, nh)
+            sb_all = sb_real if sb_pad is None else jnp.logaddexp(sb_real, sb_pad)
+            sc_all = sc_real if sc_pad is None else jnp.logaddexp(sc_real, sc_pad)
+            cols = []
             if nw < x_ext:
-                parts.append(lse(a[..., nw:] + (sb_all + sc_all)[:, :, :, :, None, nw:], axis=-1))
-            if nd < x_ext:
-                sb_pad = lse(terms.b[:, :, :, :, nd:], axis=4)
-                parts.append(lse(a[..., :nw] + (sb_pad + sc_all)[:, :, :, :, None, :nw], axis=-1))
-            if nh < x_ext:
-                sc_pad = lse(terms.c[:, :, :, :, nh:], axis=4)
-                parts.append(lse(a[..., :nw] + (sb_real + sc_pad)[:, :, :, :, None, :nw], axis=-1))
-            log_pad = parts[0]
-            for p in parts[1:]:
-                log_pad = jnp.logaddexp(log_pad, p)
+                cols.append(a[..., nw:] + (sb_all + sc_all)[:, :, :, :, None, nw:])
+            if sb_pad is not None:
+                cols.append(a[..., :nw] + (sb_pad + sc_all)[:, :, :, :, None, :nw])
+            if sc_pad is not None:
+                cols.append(a[..., :nw] + (sb_real + sc_pad)[:, :, :, :, None, :nw])
+            log_pad = lse(jnp.concatenate(cols, axis=-1), axis=-1)
         return (base + log_pad).reshape(b, self.num_heads, -1)
 
     def attend_padded(self, x: Array) -> Array:
