@@ -1,5 +1,6 @@
 """The fused attention path (`jax.nn.dot_product_attention` with the relative-position bias)
-computes the same encoder as the explicit einsum path.
+computes the same encoder as the explicit einsum path, whose float32 logits carry the first
+relative-position term inside the q.k product (checked against the assembled bias).
 
 In float32 the two agree to rounding, forward and backward, on grids with one padded window,
 several partial windows, no padding, and without relative positions or qkv bias. In bfloat16
@@ -248,3 +249,29 @@ def test_cudnn_as_accurate_as_einsum(case):
         err = float(jnp.max(jnp.abs(g - r))) / scale
         err_einsum = float(jnp.max(jnp.abs(flat_einsum[path] - r))) / scale
         assert err < 2 * err_einsum + 2e-2, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("real, extent", [((4, 4, 4), 4), ((4, 3, 2), 6), ((2, 2, 2), 3)])
+def test_float32_logits_carry_the_column_term_in_the_product(real, extent):
+    """The float32 logits fold the first relative-position term into q.k (one-hot key
+    columns): values and gradients equal q.k plus the assembled bias."""
+    enc = random_encoder(small_cfg(40, extent))
+    attn = enc.blocks[0].attn
+    rng = np.random.default_rng(3)
+    q, k = (jnp.asarray(rng.normal(size=(2, 3, *real, 16)), jnp.float32) for _ in range(2))
+    n = int(np.prod(real))
+
+    def reference(q, k):
+        plain = jnp.einsum(
+            "bkxe,bkye->bkxy", (q * attn.scale).reshape(2, 3, n, 16), k.reshape(2, 3, n, 16)
+        )
+        return plain + attn._rel_terms(q, extent).bias(*real).reshape(2, 3, n, n)
+
+    with jax.default_matmul_precision("highest"):
+        folded = attn._logits(q, k, extent)[0]
+        np.testing.assert_allclose(folded, reference(q, k), rtol=1e-5, atol=1e-5)
+        w = jnp.asarray(rng.normal(size=folded.shape), jnp.float32)
+        grads = jax.grad(lambda q, k: jnp.sum(attn._logits(q, k, extent)[0] * w), (0, 1))(q, k)
+        want = jax.grad(lambda q, k: jnp.sum(reference(q, k) * w), (0, 1))(q, k)
+    for got, ref in zip(grads, want, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
