@@ -172,6 +172,41 @@ class PatchConv3d(nnx.Conv):
         return patch_conv(inputs, self.kernel[...], bias, self.dtype)
 
 
+def same_conv(x: Array, kernel: Array, bias: Array | None, dtype: jnp.dtype) -> Array:
+    """Stride-1 Conv3d with an odd kernel k and zero padding k // 2 ("same" size) as one
+    matmul over the k² (h, w) taps and k shifted sums along d.
+
+    x: (B, D, H, W, C_in); kernel: (k, k, k, C_in, C_out). The k² taps in the (h, w) plane
+    are concatenated along channels (k² C_in), one matmul produces the output of each of
+    the k d-taps side by side (k C_out), and output d sums d-tap a of input d + a - k // 2.
+    On CPU this runs at the matmul rate, about twice as fast as XLA's convolution (the
+    encoder neck's 3³ convolution at 384 channels: ~10 against ~19 ms).
+    """
+    k = kernel.shape[0]
+    p = k // 2
+    b, d, h, w, c = x.shape
+    c_out = kernel.shape[-1]
+    xp = jnp.pad(x.astype(dtype), ((0, 0), (0, 0), (p, p), (p, p), (0, 0)))
+    taps = jnp.concatenate([xp[:, :, i : i + h, j : j + w] for i in range(k) for j in range(k)], -1)
+    # rows (h-tap, w-tap, C_in), columns (d-tap, C_out)
+    wk = kernel.astype(dtype).transpose(1, 2, 3, 0, 4).reshape(k * k * c, k * c_out)
+    y = jnp.einsum("bdhwk,kn->bdhwn", taps, wk).reshape(b, d, h, w, k, c_out)
+    y = jnp.pad(y, ((0, 0), (p, p), (0, 0), (0, 0), (0, 0), (0, 0)))
+    out = sum(y[:, a : a + d, :, :, a] for a in range(k))
+    return out if bias is None else out + bias.astype(dtype)
+
+
+class SameConv3d(nnx.Conv):
+    """`nnx.Conv` (same parameters) for stride 1, odd kernel, padding k // 2: on CPU via
+    :func:`same_conv`; elsewhere XLA's convolution (cuDNN on GPUs)."""
+
+    def __call__(self, inputs: Array) -> Array:  # type: ignore[override]
+        if jax.default_backend() != "cpu":
+            return super().__call__(inputs)
+        bias = self.bias[...] if self.bias is not None else None
+        return same_conv(inputs, self.kernel[...], bias, self.dtype)
+
+
 def conv3d(
     in_features: int,
     out_features: int,
@@ -185,10 +220,16 @@ def conv3d(
 ) -> nnx.Conv:
     """A channels-last 3D convolution with PyTorch's initialisation and zero padding.
 
-    Non-overlapping kernels (kernel = stride, no padding) run as :func:`patch_conv`.
+    Non-overlapping kernels (kernel = stride, no padding) run as :func:`patch_conv`, stride-1
+    "same" convolutions (odd kernel, padding kernel // 2) as :class:`SameConv3d`.
     """
     fan_in = in_features * kernel_size**3
-    cls = PatchConv3d if kernel_size == stride and padding == 0 else nnx.Conv
+    if kernel_size == stride and padding == 0:
+        cls = PatchConv3d
+    elif stride == 1 and kernel_size % 2 == 1 and padding == kernel_size // 2:
+        cls = SameConv3d
+    else:
+        cls = nnx.Conv
     return cls(
         in_features,
         out_features,

@@ -1,4 +1,5 @@
-"""Non-overlapping (de)convolutions as matmuls equal their definitions, values and gradients."""
+"""Convolutions as matmuls (non-overlapping patches, stride-1 "same" kernels, the
+transposed convolution) equal their definitions, values and gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sammed3d_jax.model.common import ConvTranspose3dK2, PatchConv3d, conv3d
+from sammed3d_jax.model.common import ConvTranspose3dK2, PatchConv3d, SameConv3d, conv3d
 
 
 def _check(module, reference, x, weights):
@@ -45,12 +46,31 @@ def test_patch_conv_equals_strided_convolution(p, cin, cout):
     _check(conv, reference, x, w)
 
 
+@pytest.mark.parametrize(("k", "cin", "cout"), [(3, 5, 7), (5, 3, 4)])
+def test_same_conv_equals_padded_convolution(k, cin, cout):
+    """The tap-matmul form (the CPU path) against XLA's convolution with zero padding, on a
+    box whose sides differ (so a transposed axis would show)."""
+    assert jax.default_backend() == "cpu"
+    conv = conv3d(cin, cout, k, padding=k // 2, dtype=jnp.float32, rngs=nnx.Rngs(k))
+    assert isinstance(conv, SameConv3d)
+
+    def reference(x, kernel, bias):
+        dims = ("NDHWC", "DHWIO", "NDHWC")
+        pad = ((k // 2, k // 2),) * 3
+        return jax.lax.conv_general_dilated(x, kernel, (1,) * 3, pad, dimension_numbers=dims) + bias
+
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.standard_normal((2, 4, 6, 3, cin)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, 4, 6, 3, cout)), jnp.float32)
+    _check(conv, reference, x, w)
+
+
 def test_other_convolutions_stay_general():
-    for kernel, stride, padding in ((3, 1, 1), (2, 1, 0), (2, 2, 1)):
+    for kernel, stride, padding in ((3, 1, 0), (2, 1, 0), (2, 2, 1), (3, 2, 1)):
         conv = conv3d(
             4, 4, kernel, stride=stride, padding=padding, dtype=jnp.float32, rngs=nnx.Rngs(0)
         )
-        assert not isinstance(conv, PatchConv3d)
+        assert type(conv) is nnx.Conv
 
 
 def test_conv_transpose_equals_its_definition():
