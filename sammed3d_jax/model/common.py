@@ -30,11 +30,18 @@ def gelu(x: Array) -> Array:
     tensors per activation, which inside the training step's click loop are stacked for
     every pass.
     """
-    return jax.nn.gelu(x, approximate=False)
+    return _gelu_erf(x)
+
+
+def _gelu_erf(x: Array) -> Array:
+    """``x Phi(x)`` with ``Phi = (1 + erf(x / sqrt 2)) / 2``, PyTorch's formula. `jax.nn.gelu`
+    goes through erfc instead, which XLA:CPU evaluates ~2.5x slower (0.75 vs 0.30 ms for
+    one encoder MLP's activations); both agree with PyTorch to float32 rounding."""
+    return x * (0.5 * (1.0 + jax.lax.erf(x * np.asarray(1.0 / math.sqrt(2.0), x.dtype))))
 
 
 def _gelu_fwd(x: Array) -> tuple[Array, Array]:
-    return jax.nn.gelu(x, approximate=False), x
+    return _gelu_erf(x), x
 
 
 def _gelu_bwd(x: Array, g: Array) -> tuple[Array]:
