@@ -266,6 +266,12 @@ def test_gelu_matches_pytorch():
     np.testing.assert_allclose(values, yt.detach().numpy(), rtol=4e-7, atol=1e-6)
     np.testing.assert_allclose(values, jax.nn.gelu(x, approximate=False), rtol=4e-7, atol=1e-6)
     xb = jnp.asarray(x, jnp.bfloat16)
+    # bfloat16 inputs: PyTorch's float32 GELU of the same inputs, rounded once (within one
+    # bfloat16 step, also in the negative tail where 1 + erf cancels)
+    yb = gelu(xb)
+    assert yb.dtype == jnp.bfloat16
+    ref = torch.nn.functional.gelu(t(np.asarray(xb, np.float32))).numpy()
+    np.testing.assert_allclose(np.asarray(yb, np.float32), ref, rtol=2**-8, atol=1e-6)
     gb = jax.grad(lambda v: jnp.sum(gelu(v).astype(jnp.float32)))(xb)
     assert gb.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(gb, np.float32), xt.grad.numpy(), atol=2e-2)
