@@ -12,6 +12,7 @@ process per host; the cluster is detected (TPU pods, SLURM) or given with the fl
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -22,9 +23,64 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", str(REPO / "configs" / "cpu_demo.py"), "Python config file[:args].", lock_config=True
-)
+
+# config_flags reads a bad `--config` file or `--config.<field>` override as an exception from
+# inside ml_collections (at definition for the default file, else while parsing): these
+# turn it into one line naming the flag.
+_CONFIG_ERRORS = (AttributeError, KeyError, OSError, TypeError, ValueError)
+
+
+def _config_problem(error: BaseException, argv: list[str]) -> str:
+    """One line: which `--config` flag is wrong and why."""
+    cause = error
+    while isinstance(cause, flags.Error) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    # ConfigDict raises AttributeError(KeyError("'field'\nDid you mean ...?"))
+    while isinstance(cause, (AttributeError, KeyError)) and cause.args:
+        if not isinstance(cause.args[0], BaseException):
+            break
+        cause = cause.args[0]
+    if isinstance(cause, (AttributeError, KeyError)):
+        text = str(cause.args[0]) if cause.args else str(cause)
+        field, *hint = text.splitlines()
+        field = field.strip("'\"")
+        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        hits = [a for a in overrides if field in a.split("=")[0].split(".")[1:]] or overrides
+        return f"{', '.join(hits) or '--config'}: the config has no field {field!r}" + "".join(
+            f"; {h.strip()}" for h in hint if h.strip()
+        )
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    # config_flags folds the config file's own traceback, or the paths it tried, into the
+    # message: its last line says what went wrong.
+    msg = lines[-1] if lines else type(cause).__name__
+    msg = re.sub(r"^\w+(Error|Exception): ", "", msg)
+    return f"--config {_config_arg(argv)}: {msg}"
+
+
+def _config_arg(argv: list[str]) -> str:
+    """The `--config` value on the command line, or the default file."""
+    for i, a in enumerate(argv[1:], start=1):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "configs/cpu_demo.py (the default)"
+
+
+def _exit_on_config_problem(error: BaseException, argv: list[str]) -> None:
+    sys.stderr.write(f"train.py: {_config_problem(error, argv)}\n")
+    sys.exit(2)
+
+
+try:
+    config_flags.DEFINE_config_file(
+        "config",
+        str(REPO / "configs" / "cpu_demo.py"),
+        "Python config file[:args].",
+        lock_config=True,
+    )
+except _CONFIG_ERRORS as e:
+    _exit_on_config_problem(e, sys.argv)
 flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
@@ -68,5 +124,20 @@ def main(argv):
     return 0
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every problem as one line instead of a traceback."""
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config.keys()  # a config file that failed to load raises only when used
+    except flags.Error as e:
+        if isinstance(e.__cause__, _CONFIG_ERRORS) or "Traceback" in str(e):
+            _exit_on_config_problem(e, argv)
+        sys.stderr.write(f"train.py: {e}\nPass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(2)
+    except _CONFIG_ERRORS as e:
+        _exit_on_config_problem(e, argv)
+    return rest
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

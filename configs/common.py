@@ -35,14 +35,21 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
             continue
         default = defaults[key]
         if isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
-            out[key] = int(value)
-        elif isinstance(default, float):
-            out[key] = float(value)
+            if value.lower() not in _BOOLS:
+                raise ValueError(f"config argument {key}={value!r}: expected one of {_BOOLS}")
+            out[key] = _BOOLS.index(value.lower()) % 2 == 0
+        elif isinstance(default, (int, float)):
+            try:
+                out[key] = type(default)(value)
+            except ValueError:
+                kind = "an integer" if isinstance(default, int) else "a number"
+                raise ValueError(f"config argument {key}={value!r}: expected {kind}") from None
         else:
             out[key] = value
     return out
+
+
+_BOOLS = ("true", "false", "1", "0", "yes", "no")  # even index: True
 
 
 def base_config() -> ml_collections.ConfigDict:

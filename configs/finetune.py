@@ -30,24 +30,30 @@ def get_config(arg: str | None = None):
         val="",
         records="",
         tiny=False,
-        steps=20_000,
-        batch=12,
+        steps=0,  # 0: 20,000 (50 with tiny)
+        batch=0,  # 0: 12 (2 with tiny)
         accumulation=1,
     )
+    steps = args.steps or (50 if args.tiny else 20_000)
+    if steps < 1 or args.batch < 0 or args.accumulation < 1:
+        raise ValueError(
+            f"config arguments steps={args.steps}, batch={args.batch}, "
+            f"accumulation={args.accumulation}: must be positive"
+        )
     c = base_config()
     c.init_from = args.init_from
     c.data.root = args.data
     c.data.records = args.records
     c.val.root = args.val
-    c.data.batch_size = args.batch
+    c.data.batch_size = args.batch or (2 if args.tiny else 12)
     c.optim.lr = 8e-5
     c.optim.schedule = "warmup_cosine"
     c.optim.accumulation_steps = args.accumulation
-    updates = args.steps // max(args.accumulation, 1)  # the schedule counts optimizer updates
+    updates = max(steps // args.accumulation, 1)  # the schedule counts optimizer updates
     c.optim.warmup_steps = min(200, updates // 10)
     c.optim.total_steps = updates
     c.optim.grad_clip_norm = 1.0
-    c.total_steps = args.steps
+    c.total_steps = steps
     c.eval_every = 1_000
     c.checkpoint_every = 500
     if args.tiny:
@@ -57,12 +63,10 @@ def get_config(arg: str | None = None):
         c.data.spacing = (3.0, 3.0, 3.0)
         c.data.min_volume_mm3 = 1000.0
         c.data.min_crop_voxels = 200
-        c.data.batch_size = 2
         c.data.cache_items = 256
         c.optim.lr = 1e-3
         c.optim.prompt_decoder_lr_mult = 1.0
-        c.total_steps = c.optim.total_steps = 50
-        c.optim.warmup_steps = 5
+        c.optim.warmup_steps = min(5, updates // 10)
         c.eval_every = 25
         c.checkpoint_every = 25
         c.log_every = 5

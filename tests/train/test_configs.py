@@ -84,6 +84,24 @@ def test_bad_loop_values_are_named(override, message):
         loop.check_config(config)
 
 
+def test_config_arguments_are_typed_and_bad_ones_named():
+    config = finetune.get_config("tiny=yes,steps=12,accumulation=2")
+    assert config.model.variant == "tiny" and config.data.batch_size == 2
+    assert config.total_steps == 12 and config.optim.accumulation_steps == 2
+    assert config.optim.total_steps == 6  # the schedule counts optimizer updates
+    assert finetune.get_config("tiny").total_steps == 50
+    assert finetune.get_config("tiny=0").model.variant == finetune.get_config().model.variant
+    assert finetune.get_config("batch=3").data.batch_size == 3
+    for arg, message in (
+        ("steps=1e3", r"steps='1e3': expected an integer"),
+        ("tiny=maybe", r"tiny='maybe': expected one of"),
+        ("bogus=1", r"unknown config argument 'bogus'"),
+        ("steps=-5", r"steps=-5, .*must be positive"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            finetune.get_config(arg)
+
+
 def test_bad_data_values_are_named():
     config = cpu_demo.get_config()
     config.val.clicks = (0,)

@@ -217,6 +217,28 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     assert not (tmp_path / "w1" / "config.json").exists()  # a failed start leaves no config
 
 
+def test_bad_config_flags_are_one_line_errors(tmp_path):
+    """Problems that ml_collections reports as exceptions (at flag definition or while
+    parsing) come out as one line naming the flag, exit status 2."""
+    for args, message in (
+        (["--config.train.num_clics=2"], "--config.train.num_clics=2: the config has no field"),
+        (["--config", "configs/missing.py"], "--config configs/missing.py: [Errno 2]"),
+        (["--config=configs/finetune.py:stepz=3"], "unknown config argument 'stepz'"),
+        (["--config.optim.lr=fast"], "--config.optim.lr=fast: could not convert"),
+        (["--config.train.num_clics"], "--config.train.num_clics"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "train.py"), f"--workdir={tmp_path}", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 2, (args, proc.stderr[-3000:])
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert not any(tmp_path.iterdir())
+
+
 def test_bad_config_value_is_a_clear_error(tmp_path):
     proc = run(tmp_path / "bad", 2, "--config.data.root=/does/not/exist")
     assert proc.returncode == 2
