@@ -34,6 +34,7 @@ from sammed3d_jax.checkpoint import (
 from sammed3d_jax.convert.pth import PthError
 from sammed3d_jax.convert.torch_to_jax import ConversionError, infer_config
 from sammed3d_jax.convert.verify import ReferenceUnavailableError
+from sammed3d_jax.files import check_output_file
 from sammed3d_jax.model.config import VARIANTS, matching_variant
 
 
@@ -83,9 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        if args.bare and not args.export:
+            raise CheckpointError("--bare applies to --export only")
         if args.export:
             if args.dst.exists() and not args.overwrite:
                 raise CheckpointError(f"{args.dst} already exists (use --overwrite)")
+            try:
+                check_output_file(args.dst, "OUT.pth", inputs=[args.src])
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
             model = load_model(args.src)
             export_pth(model, args.dst, bare=args.bare)
             print(f"wrote {args.dst} ({'bare state dict' if args.bare else 'model_state_dict'})")

@@ -90,6 +90,7 @@ def _segment(args: argparse.Namespace) -> int:
     from sammed3d_jax.checkpoint import load_model
     from sammed3d_jax.data.nifti import load_volume, save_mask
     from sammed3d_jax.eval.runner import resolve_spacing
+    from sammed3d_jax.files import check_output_file
     from sammed3d_jax.inference.overlay import save_overlay_png
     from sammed3d_jax.inference.predictor import Predictor, PredictorError, check_clicks
 
@@ -98,6 +99,9 @@ def _segment(args: argparse.Namespace) -> int:
         raise PredictorError(f"--out {args.out}: the mask name must end in .nii or .nii.gz")
     if args.png is not None and args.png.suffix.lower() != ".png":
         raise PredictorError(f"--png {args.png}: the overlay name must end in .png")
+    check_output_file(args.out, "--out", inputs=[args.image, args.checkpoint])
+    if args.png is not None:
+        check_output_file(args.png, "--png", inputs=[args.image, args.checkpoint])
     if args.max_windows < 1:
         raise PredictorError(f"--max-windows must be >= 1, got {args.max_windows}")
     if args.spacing is not None and not args.spacing > 0:

@@ -111,6 +111,9 @@ def _fill(model: Sam3D, nested: dict) -> None:
     nnx.update(model, state)
 
 
+_CHECKPOINT_ENTRIES = frozenset({CONFIG_FILE, PARAMS_DIR, REPORT_FILE})
+
+
 def _atomic_dir(out_dir: Path, overwrite: bool):
     """Context manager: yields a temp dir that becomes `out_dir` on success."""
     import contextlib
@@ -122,6 +125,16 @@ def _atomic_dir(out_dir: Path, overwrite: bool):
             raise CheckpointError(f"{out_dir} already exists (pass overwrite to replace it)")
         if out_dir.exists() and not out_dir.is_dir():
             raise CheckpointError(f"{out_dir} is a file, not a checkpoint directory to replace")
+        if out_dir.is_dir():
+            # Only what save_model writes may be replaced: never a folder of other files
+            # (a dataset, the folder holding the source .pth, a training run).
+            other = sorted({p.name for p in out_dir.iterdir()} - _CHECKPOINT_ENTRIES)
+            if other:
+                shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
+                raise CheckpointError(
+                    f"{out_dir} is not a converted checkpoint (it holds {shown}); refusing to "
+                    f"replace it: choose a new folder or remove it yourself"
+                )
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
         try:
@@ -307,7 +320,8 @@ def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
             f"{path}: no {PARAMS_DIR}/ directory; is this a converted checkpoint?"
         )
     try:
-        restored = ocp.StandardCheckpointer().restore(params.absolute(), target)
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params.absolute(), target)
     except Exception as e:  # orbax raises many types for structure/shape mismatches
         raise CheckpointError(f"{params}: cannot restore parameters: {e}") from e
     try:
@@ -325,5 +339,6 @@ def export_pth(model: Sam3D, out_path: str | os.PathLike, bare: bool = False) ->
     """
     state_dict = flax_state_to_torch(nnx.state(model))
     obj = state_dict if bare else {"model_state_dict": state_dict}
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     save_pth(out_path, obj)
     return Path(out_path)

@@ -8,7 +8,7 @@ import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -95,17 +95,28 @@ def atomic_path(dst: Path, suffix: str = "") -> Iterator[str]:
     so outputs stay readable by whoever could read the folder's other files.
     """
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix, dir=dst.parent)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix, dir=dst.parent)
+    except OSError as e:
+        raise _naming(e, dst) from e
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         os.close(fd)
         yield tmp
-        replace_durably(tmp, dst)
+        try:
+            replace_durably(tmp, dst)
+        except OSError as e:
+            raise _naming(e, dst) from e
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _naming(error: OSError, dst: Path) -> OSError:
+    """The same error, naming the output rather than its temporary file."""
+    return type(error)(error.errno, f"cannot write {dst}: {error.strerror}")
 
 
 def write_atomic(dst: Path, data: bytes | str) -> None:
@@ -113,3 +124,25 @@ def write_atomic(dst: Path, data: bytes | str) -> None:
     with atomic_path(dst, suffix=".tmp") as tmp:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+
+
+def check_output_file(dst: Path, flag: str, inputs: Sequence[Path] = ()) -> None:
+    """Raise ValueError naming ``flag`` if ``dst`` cannot be written as a new or replaced
+    file: it is a folder, a parent is a file or not writable, or it is one of ``inputs``.
+
+    Called before the work that produces the output, so that a bad path fails at once and
+    names the argument (not a temporary file deep in the write).
+    """
+    dst = Path(dst)
+    if dst.is_dir():
+        raise ValueError(f"{flag} {dst}: is a folder, not a file name")
+    for parent in dst.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {dst}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {dst}: cannot write in {parent}")
+            break
+    for source in inputs:
+        if dst.exists() and Path(source).exists() and os.path.samefile(dst, source):
+            raise ValueError(f"{flag} {dst}: is the input file {source}; choose another name")

@@ -108,3 +108,51 @@ def test_checkpoint_folder_overwrite_keeps_the_old_one_when_the_swap_fails(tmp_p
             (tmp / "config.json").write_text("new")
     assert (out / "config.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_checkpoint_overwrite_replaces_only_a_checkpoint_folder(tmp_path):
+    """--overwrite never deletes a folder of other files (the source's own folder, a
+    dataset): only what a converted checkpoint holds may be replaced."""
+    from sammed3d_jax import checkpoint
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.pth").write_text("the source")
+    with pytest.raises(checkpoint.CheckpointError, match=r"not a converted checkpoint.*model\.pth"):
+        with checkpoint._atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("new")
+    assert (out / "model.pth").read_text() == "the source"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (out / "model.pth").unlink()
+    for name in ("config.json", "conversion_report.json"):
+        (out / name).write_text("old")
+    (out / "params").mkdir()
+    with checkpoint._atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_output_checks_name_the_argument(tmp_path):
+    from sammed3d_jax.files import check_output_file
+
+    (tmp_path / "folder.nii.gz").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "in.nii.gz").write_text("x")
+    check_output_file(tmp_path / "new" / "deeper" / "out.nii.gz", "--out")  # created later
+    for dst, message in (
+        (tmp_path / "folder.nii.gz", "--out .*folder.nii.gz: is a folder"),
+        (tmp_path / "afile" / "out.nii.gz", "--out .*afile is a file, not a folder"),
+        (tmp_path / "." / "in.nii.gz", "--out .*: is the input file"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_output_file(dst, "--out", inputs=[tmp_path / "in.nii.gz"])
+
+
+def test_write_errors_name_the_output_not_its_temporary(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    for dst in (tmp_path / "afile" / "out.json", tmp_path / "adir"):
+        with pytest.raises(OSError) as info:
+            write_atomic(dst, "data")
+        assert f"cannot write {dst}" in str(info.value) and ".tmp" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]

@@ -126,8 +126,9 @@ def torch_to_flax_state(
 ) -> tuple[dict, ConversionReport]:
     """Convert a PyTorch state dict into the nested pure dict of `nnx.state(Sam3D(cfg))`.
 
-    Strict: every PyTorch key must be used and every Flax leaf filled with the right shape,
-    otherwise `ConversionError` lists all missing, unexpected and mis-shaped keys.
+    Strict: every PyTorch key must be used and every Flax leaf filled with finite values of
+    the right shape, otherwise `ConversionError` lists all missing, unexpected and mis-shaped
+    (or non-finite) keys.
     """
     state_dict = strip_prefix(state_dict)
     target = nnx.to_pure_dict(nnx.state(abstract_sam3d(cfg)))
@@ -150,7 +151,12 @@ def torch_to_flax_state(
         if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
             misshaped.append(f"{key}: dtype {arr.dtype} is not floating point")
             continue
-        filled[path] = np.ascontiguousarray(to_flax_layout(arr.astype(np.float32), kind))
+        value = arr.astype(np.float32)
+        if not np.isfinite(value).all():
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+            misshaped.append(f"{key}: {bad} of {value.size} values are NaN or infinite")
+            continue
+        filled[path] = np.ascontiguousarray(to_flax_layout(value, kind))
         mapping.append(
             {
                 "torch": key,
@@ -166,7 +172,7 @@ def torch_to_flax_state(
         for title, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
-            ("mis-shaped keys", misshaped),
+            ("mis-shaped or non-finite keys", misshaped),
         ):
             if items:
                 lines.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))

@@ -826,19 +826,25 @@ def znormalize(roi: np.ndarray) -> tuple[np.ndarray, float, float]:
 
     Raises:
       EmptyNormalizationRegion: fewer than two voxels are > 0.
-      ValueError: their std is 0.
+      ValueError: their std is 0, or their mean or std overflows float32.
     """
     roi = np.asarray(roi)
-    data = roi.astype(np.float32)
-    values = data[roi > 0]
-    n = values.size
-    if n < 2:
-        raise EmptyNormalizationRegion(
-            f"z-normalisation needs at least 2 voxels > 0 in the ROI, found {n}"
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below, by name
+        data = roi.astype(np.float32)
+        values = data[roi > 0]
+        n = values.size
+        if n < 2:
+            raise EmptyNormalizationRegion(
+                f"z-normalisation needs at least 2 voxels > 0 in the ROI, found {n}"
+            )
+        mean32 = np.float32(torch_float32_sum(values) / np.float32(n))
+        dx = values.astype(np.float64) - float(mean32)
+        std32 = np.float32(np.sqrt(np.dot(dx, dx) / (n - 1)))
+    if not (np.isfinite(mean32) and np.isfinite(std32)):
+        raise ValueError(
+            "z-normalisation: the intensities overflow float32 (their mean or std is not "
+            f"finite; largest |value| {float(np.max(np.abs(roi))):.3g}): rescale the image"
         )
-    mean32 = np.float32(torch_float32_sum(values) / np.float32(n))
-    dx = values.astype(np.float64) - float(mean32)
-    std32 = np.float32(np.sqrt(np.dot(dx, dx) / (n - 1)))
     if std32 == 0:
         raise ValueError("z-normalisation: the std of the voxels > 0 is 0 (constant ROI)")
     out = (data - mean32) / std32

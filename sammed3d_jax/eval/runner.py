@@ -54,7 +54,7 @@ import numpy as np
 from sammed3d_jax.data.layout import Case, LayoutError, scan_dataset
 from sammed3d_jax.data.nifti import VolumeError, check_same_grid, load_volume, save_mask
 from sammed3d_jax.eval.protocols import PROTOCOLS, CaseResult, run_protocol
-from sammed3d_jax.files import write_atomic
+from sammed3d_jax.files import check_output_file, write_atomic
 
 __all__ = [
     "CliArgumentParser",
@@ -585,6 +585,17 @@ def evaluate_dataset(
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise RunnerError(f"--out {out_dir}: exists and is not a folder")
+    # Outputs in the way are reported now, not after the cases have been computed.
+    try:
+        check_output_file(out_dir / RUN_FILE, "--out")
+    except ValueError as e:
+        raise RunnerError(str(e)) from None
+    for name in (SUMMARY_FILE, CSV_FILE, PLOT_FILE, RUN_FILE):
+        if (out_dir / name).is_dir():
+            raise RunnerError(f"--out {out_dir}: {name} is a folder where the run writes a file")
+    for name in (CASES_DIR, PREDICTIONS_DIR):
+        if (out_dir / name).exists() and not (out_dir / name).is_dir():
+            raise RunnerError(f"--out {out_dir}: {name} is a file where the run keeps a folder")
     keys = case_keys(discovery.cases)
     selected = list(zip(keys, discovery.cases))
     if limit is not None:
@@ -608,8 +619,7 @@ def evaluate_dataset(
                 f"--out {out_dir}: it holds a run with other settings ({diff}); use another "
                 "--out folder or delete it"
             )
-    else:
-        _write_json(run_file, {"settings": settings})
+    new_run = not run_file.exists()
     cases_dir = out_dir / CASES_DIR
     predictions_dir = out_dir / PREDICTIONS_DIR if save_predictions else None
 
@@ -647,6 +657,9 @@ def evaluate_dataset(
 
     if todo:
         engine = _engine(model, ckpt)
+    if new_run:  # once the model has loaded: a run that cannot start leaves no folder behind
+        _write_json(run_file, {"settings": settings})
+    if todo:
         from tqdm.auto import tqdm
 
         bar = tqdm(

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from sammed3d_jax import sharding as sh
+from sammed3d_jax.checkpoint import PARAMS_DIR
 from sammed3d_jax.data.pipeline import DataConfig, make_eval_dataset, make_train_dataset
 from sammed3d_jax.files import atomic_path, write_atomic
 from sammed3d_jax.model.config import NUMERIC_FIELDS, Sam3DConfig
@@ -302,6 +303,12 @@ def maybe_initialize_distributed(dist: Any) -> None:
     if getattr(jax.distributed, "is_initialized", lambda: False)():
         return
     addr = dist.coordinator_address
+    # defaults (configs/common.py): num_processes 0, process_id -1 = not given
+    if not addr and (int(dist.num_processes) > 0 or int(dist.process_id) >= 0):
+        raise ValueError(
+            "distributed.num_processes / process_id (--num_processes, --process_id) need "
+            "distributed.coordinator_address (--coordinator_address) as well"
+        )
     if addr:
         kwargs = dict(
             coordinator_address=addr,
@@ -421,6 +428,29 @@ def _saved_run_config(workdir: Path) -> tuple[dict, Path] | None:
         raise ValueError(f"{saved}: cannot read the saved run config: {e}") from e
 
 
+def check_workdir(workdir: Path) -> None:
+    """Refuse a workdir the run would damage or that cannot be one (ValueError naming it):
+    a file, a converted model checkpoint, or a folder whose ``config.json`` is not a
+    training run's (a run writes its own over it)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir}: is a file, not a folder")
+    if (workdir / PARAMS_DIR).exists():
+        raise ValueError(
+            f"--workdir {workdir}: holds a converted model checkpoint ({PARAMS_DIR}/); train "
+            f"in a new folder, with init_from={workdir} to start from its weights"
+        )
+    saved = workdir / "config.json"
+    if saved.exists() and not (workdir / "checkpoints").is_dir():  # else: resume decides
+        try:
+            previous = json.loads(saved.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"{saved}: not a training run's config ({e}); refusing to replace it"
+            ) from e
+        if not (isinstance(previous, dict) and {"model", "optim", "train"} <= previous.keys()):
+            raise ValueError(f"{saved}: not a training run's config; refusing to replace it")
+
+
 def check_resumable(workdir: Path, config: ml_collections.ConfigDict, cfg: Sam3DConfig) -> None:
     """Raise ValueError if ``workdir`` holds checkpoints that ``config`` cannot resume."""
     found = _saved_run_config(workdir)
@@ -455,7 +485,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       NonFiniteError: a logged metric became NaN or infinite (nothing non-finite is saved).
     """
     check_local_path(os.fspath(workdir), "--workdir")
+    if not os.fspath(workdir).strip():
+        raise ValueError("--workdir is empty: give the folder for the run's checkpoints and logs")
     workdir = Path(workdir).absolute()
+    check_workdir(workdir)
     check_config(config)
     cfg = model_config(config)
     check_resumable(workdir, config, cfg)

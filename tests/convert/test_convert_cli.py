@@ -90,6 +90,7 @@ def test_other_layouts_convert(tmp_path, golden_sd, layout):
         ("missing", "1 missing keys"),
         ("unexpected", "1 unexpected keys"),
         ("misshaped", "mis-shaped"),
+        ("nan", "iou_token.weight: 1 of 48 values are NaN or infinite"),
         ("wrong_arch", "missing keys"),
     ],
 )
@@ -103,6 +104,9 @@ def test_mismatched_state_dicts_are_rejected_and_nothing_is_written(
         sd["mask_decoder.extra.weight"] = np.zeros(3, np.float32)
     elif damage == "misshaped":
         sd["mask_decoder.iou_token.weight"] = np.zeros((1, 47), np.float32)
+    elif damage == "nan":
+        sd["mask_decoder.iou_token.weight"] = np.array(sd["mask_decoder.iou_token.weight"])
+        sd["mask_decoder.iou_token.weight"][0, 3] = np.nan
     else:  # a decoder from another architecture: drop every hypernetwork MLP but one
         sd = {k: v for k, v in sd.items() if "output_hypernetworks_mlps.3" not in k}
         sd["mask_decoder.mask_tokens.weight"] = sd["mask_decoder.mask_tokens.weight"]
@@ -247,9 +251,12 @@ def test_mlp_width_is_rebuilt_exactly():
 
 
 def test_export_to_an_unwritable_place_is_a_one_line_error(tmp_path, converted):
-    proc = run_cli("--export", converted, tmp_path / "no_such_dir" / "out.pth")
+    (tmp_path / "afile").write_text("x")
+    proc = run_cli("--export", converted, tmp_path / "afile" / "out.pth")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: ") and "no_such_dir" in proc.stderr
+    assert proc.stderr.startswith("error: ") and "afile is a file, not a folder" in proc.stderr
+    proc = run_cli("--export", converted, tmp_path / "new_dir" / "out.pth")  # created
+    assert proc.returncode == 0 and (tmp_path / "new_dir" / "out.pth").is_file(), proc.stderr
 
 
 def test_config_that_does_not_fit_the_weights_is_refused(tmp_path, converted):

@@ -554,6 +554,9 @@ def test_znormalize_statistics_and_errors() -> None:
     const = np.full((4, 4, 4), 7, np.int16)
     with pytest.raises(ValueError, match="std"):
         geo.znormalize(const)
+    huge = rng.random((4, 4, 4)) * 1e300 + 1.0  # finite in float64, not in float32
+    with pytest.raises(ValueError, match="overflow float32"):
+        geo.znormalize(huge)
 
 
 def test_paste_back_round_trip_on_synthetic_volume() -> None:

@@ -320,6 +320,12 @@ def test_cli_errors(fixture_dataset, tmp_path, capsys):
     argv = ["--data", str(fixture_dataset), "--checkpoint", str(bad_ckpt), "--out", str(out)]
     assert main([*argv, "--no-progress"]) == 2
     assert str(bad_ckpt) in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()  # a run that cannot start leaves no folder to trip a re-run
+    out.mkdir()
+    (out / "predictions").write_text("in the way")
+    assert main(["--data", str(fixture_dataset), *base, "--save-predictions"]) == 2
+    assert "predictions is a file" in _one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == ["predictions"]
     with pytest.raises(SystemExit) as info:
         main(["--data", str(fixture_dataset), "--protocol", "nope", *base])
     assert info.value.code == 2

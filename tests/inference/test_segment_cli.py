@@ -180,6 +180,27 @@ def test_segment_input_errors(case, point, extra, message, paths, tmp_path, caps
     assert not list(tmp_path.glob("mask*"))
 
 
+def test_segment_output_paths_are_checked_before_any_work(paths, tmp_path, capsys):
+    """An output that would replace the input, or that cannot be written, fails at once with
+    the argument's name, and nothing is written (not even the mask when only --png is bad)."""
+    image = tmp_path / "img.nii.gz"
+    image.write_bytes(paths["image"].read_bytes())
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "folder.nii.gz").mkdir()
+    base = ["segment", "--image", str(image), "--checkpoint", str(paths["ckpt"])]
+    base += ["--point", "30,27,26"]
+    mask = tmp_path / "mask.nii.gz"
+    for extra, message in (
+        (["--out", str(image)], "is the input file"),
+        (["--out", str(tmp_path / "folder.nii.gz")], "is a folder"),
+        (["--out", str(mask), "--png", str(tmp_path / "afile" / "o.png")], "--png"),
+    ):
+        code, _, err = _run([*base, *extra], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert image.read_bytes() == paths["image"].read_bytes()
+    assert not mask.exists()
+
+
 @pytest.mark.parametrize(
     "point", ["1,2", "1,2,3,7", "x,2,3", "1;2;3", "1,2,3,1,0"], ids=lambda p: repr(p)
 )

@@ -167,3 +167,36 @@ def test_tfds_source_is_settable():
     assert loop.data_config(config.data, 64).tfds_dir is None
     config.data.tfds_dir = "/data/sammed3d_tfds/1.0.0"
     assert loop.data_config(config.data, 64).tfds_dir == "/data/sammed3d_tfds/1.0.0"
+
+
+def test_workdirs_a_run_would_damage_are_refused(tmp_path):
+    """A file, a converted model checkpoint, or a folder whose config.json is not a training
+    run's: the run would write its config.json over it."""
+    (tmp_path / "afile").write_text("x")
+    model_ckpt = tmp_path / "ckpt"
+    (model_ckpt / "params").mkdir(parents=True)
+    (model_ckpt / "config.json").write_text('{"encoder_depth": 12}')
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{broken")
+    for workdir, message in (
+        (tmp_path / "afile", "is a file"),
+        (model_ckpt, "holds a converted model checkpoint"),
+        (foreign, "not a training run's config"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            loop.check_workdir(workdir)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(cpu_demo.get_config().to_json_best_effort())
+    loop.check_workdir(run)  # an earlier run's own config: replaced on restart
+    loop.check_workdir(tmp_path / "new")
+    with pytest.raises(ValueError, match="--workdir is empty"):
+        loop.train_and_evaluate(cpu_demo.get_config(), "")
+
+
+def test_process_settings_without_a_coordinator_are_refused():
+    dist = cpu_demo.get_config().distributed
+    dist.process_id = 3
+    with pytest.raises(ValueError, match="coordinator_address"):
+        loop.maybe_initialize_distributed(dist)
