@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax.numpy as jnp
+import numpy as np
 
 WindowAttention = Literal["exact", "padded"]
 AttentionImpl = Literal["auto", "einsum", "xla", "cudnn"]
@@ -89,6 +91,13 @@ class Sam3DConfig:
     gelu: GeluForm = "auto"
 
     def __post_init__(self) -> None:
+        wrong = [
+            f"{f.name}={getattr(self, f.name)!r} (expected {f.type})"
+            for f in dataclasses.fields(self)
+            if not _has_type(getattr(self, f.name), f.type)
+        ]
+        if wrong:  # e.g. a hand-edited config.json: named here, not as a failed comparison
+            raise ValueError("invalid Sam3DConfig: " + "; ".join(wrong))
         object.__setattr__(
             self,
             "encoder_global_attn_indexes",
@@ -198,6 +207,20 @@ class Sam3DConfig:
         if name not in VARIANTS:
             raise ValueError(f"unknown model variant {name!r}; known: {sorted(VARIANTS)}")
         return VARIANTS[name].replace(**overrides)
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether a config value fits its field's annotation (numbers of numpy types too)."""
+    is_bool = isinstance(value, bool | np.bool_)
+    if annotation == "bool":
+        return is_bool
+    if annotation == "int":
+        return isinstance(value, numbers.Integral) and not is_bool
+    if annotation == "float":
+        return isinstance(value, numbers.Real) and not is_bool
+    if annotation == "tuple[int, ...]":
+        return isinstance(value, tuple | list) and all(_has_type(v, "int") for v in value)
+    return isinstance(value, str)  # str and the Literal choices, checked by value below
 
 
 def matching_variant(cfg: Sam3DConfig) -> str | None:

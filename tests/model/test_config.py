@@ -52,6 +52,10 @@ def test_vit_b_ori_keys_match_the_reference_manifest(fixtures_dir):
         dict(encoder_num_heads=0),
         dict(attention_downsample_rate=0),
         dict(mlp_ratio=0.0),
+        dict(window_size="six"),  # hand-edited config.json: wrong types are named
+        dict(qkv_bias="yes"),
+        dict(encoder_global_attn_indexes=(2, "5")),
+        dict(mlp_ratio=None),
     ],
 )
 def test_invalid_configs_are_rejected(changes):
