@@ -52,6 +52,17 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 _BOOLS = ("true", "false", "1", "0", "yes", "no")  # even index: True
 
 
+def optimizer_updates(steps: int, accumulation: int) -> int:
+    """Optimizer updates of a run of `steps` batches accumulated `accumulation` at a time
+    (what the learning-rate schedule counts); the config arguments are checked by name."""
+    if accumulation < 1 or steps < accumulation:
+        raise ValueError(
+            f"config arguments steps={steps}, accumulation={accumulation}: need "
+            f"accumulation >= 1 and steps >= accumulation (at least one optimizer update)"
+        )
+    return steps // accumulation
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0

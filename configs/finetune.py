@@ -19,7 +19,7 @@ per update: `accumulation=20` does that, with the schedule counted in optimizer 
 
 from __future__ import annotations
 
-from configs.common import base_config, parse_arg
+from configs.common import base_config, optimizer_updates, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -35,11 +35,9 @@ def get_config(arg: str | None = None):
         accumulation=1,
     )
     steps = args.steps or (50 if args.tiny else 20_000)
-    if steps < 1 or args.batch < 0 or args.accumulation < 1:
-        raise ValueError(
-            f"config arguments steps={args.steps}, batch={args.batch}, "
-            f"accumulation={args.accumulation}: must be positive"
-        )
+    updates = optimizer_updates(steps, args.accumulation)  # what the schedule counts
+    if args.batch < 0:
+        raise ValueError(f"config argument batch={args.batch}: must be positive")
     c = base_config()
     c.init_from = args.init_from
     c.data.root = args.data
@@ -49,7 +47,6 @@ def get_config(arg: str | None = None):
     c.optim.lr = 8e-5
     c.optim.schedule = "warmup_cosine"
     c.optim.accumulation_steps = args.accumulation
-    updates = max(steps // args.accumulation, 1)  # the schedule counts optimizer updates
     c.optim.warmup_steps = min(200, updates // 10)
     c.optim.total_steps = updates
     c.optim.grad_clip_norm = 1.0

@@ -21,7 +21,7 @@ optimizer updates, `steps // accumulation`.
 
 from __future__ import annotations
 
-from configs.common import base_config, parse_arg
+from configs.common import base_config, optimizer_updates, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
     # the whole global batch; with 12 samples per device each device pools its own.
     c.train.normalization_group = 12 if args.batch % 12 == 0 else 0
     c.optim.accumulation_steps = args.accumulation
-    updates = args.steps // max(args.accumulation, 1)  # the schedule counts optimizer updates
+    updates = optimizer_updates(args.steps, args.accumulation)  # what the schedule counts
     c.optim.total_steps = updates
     c.optim.milestones = (int(updates * 0.6), int(updates * 0.9))
     c.total_steps = args.steps

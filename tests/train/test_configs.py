@@ -96,10 +96,14 @@ def test_config_arguments_are_typed_and_bad_ones_named():
         ("steps=1e3", r"steps='1e3': expected an integer"),
         ("tiny=maybe", r"tiny='maybe': expected one of"),
         ("bogus=1", r"unknown config argument 'bogus'"),
-        ("steps=-5", r"steps=-5, .*must be positive"),
+        ("steps=-5", r"steps=-5, accumulation=1: need"),
+        ("steps=10,accumulation=20", r"steps >= accumulation"),
+        ("batch=-2", r"batch=-2: must be positive"),
     ):
         with pytest.raises(ValueError, match=message):
             finetune.get_config(arg)
+    with pytest.raises(ValueError, match="steps >= accumulation"):
+        pretrain.get_config("steps=10,accumulation=20")
 
 
 def test_bad_data_values_are_named():
