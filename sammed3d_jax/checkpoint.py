@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -51,6 +52,45 @@ REPORT_FILE = "conversion_report.json"
 
 class CheckpointError(ValueError):
     """A checkpoint path is missing, unreadable or not a model checkpoint."""
+
+
+def restore_error(where: str | os.PathLike, what: str, error: BaseException) -> CheckpointError:
+    """One-line `CheckpointError` for a failed Orbax restore of `where`.
+
+    Orbax wraps TensorStore's reason (a truncated file, a missing array) in exceptions whose
+    text is a multi-line spec dump; the innermost cause's first line names the array and the
+    fault.
+    """
+    silence_orphaned_reads()
+    inner = error
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    lines = str(inner).strip().splitlines() or [type(inner).__name__]
+    reason = lines[0] if len(lines[0]) <= 400 else lines[0][:400] + " ..."
+    return CheckpointError(f"{where}: {what}: {reason}")
+
+
+_unraisable_filter_installed = False
+
+
+def silence_orphaned_reads() -> None:
+    """Drop the "Event loop is closed" tracebacks of reads a failed Orbax restore left in
+    flight: they finish on the restore's closed event loop, one traceback per array, after
+    the restore has already raised. Call before restoring (the first can land before an
+    except clause runs)."""
+    global _unraisable_filter_installed
+    if _unraisable_filter_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    _unraisable_filter_installed = True
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -253,9 +293,10 @@ def _training_run_model(path: Path, **config_overrides: Any) -> Sam3D:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # no target shardings: host arrays
+            silence_orphaned_reads()
             restored = ocp.PyTreeCheckpointer().restore(state_dir.absolute())
     except Exception as e:  # orbax raises many types for missing/corrupt files
-        raise CheckpointError(f"{state_dir}: cannot restore parameters: {e}") from e
+        raise restore_error(state_dir, "cannot restore parameters", e) from e
     merged: dict = {}
     for part in ("params", "rest"):
         _deep_update(merged, _strip_value(restored[part]))
@@ -319,11 +360,12 @@ def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
         raise CheckpointError(
             f"{path}: no {PARAMS_DIR}/ directory; is this a converted checkpoint?"
         )
+    silence_orphaned_reads()
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(params.absolute(), target)
     except Exception as e:  # orbax raises many types for structure/shape mismatches
-        raise CheckpointError(f"{params}: cannot restore parameters: {e}") from e
+        raise restore_error(params, "cannot restore parameters", e) from e
     try:
         _fill(model, _restore_int_keys(restored, like))
     except ValueError as e:  # the stored arrays do not fit config.json

@@ -21,6 +21,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from sammed3d_jax.checkpoint import (
+    CheckpointError,
+    restore_error,
+    silence_orphaned_reads,
+)
 from sammed3d_jax.train.step import TrainState
 
 
@@ -93,15 +98,31 @@ class TrainCheckpointer:
         )
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict, dict]:
-        """Restore into `abstract_state` (ShapeDtypeStructs with the target shardings)."""
-        out = self.manager.restore(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data_iter=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        """Restore into `abstract_state` (ShapeDtypeStructs with the target shardings).
+
+        Raises:
+          CheckpointError: the step's files are damaged or do not fit the state; the
+            message names the step's directory and the earlier steps one can resume from.
+        """
+        silence_orphaned_reads()
+        try:
+            out = self.manager.restore(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data_iter=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:  # orbax raises many types for damaged or mismatched files
+            earlier = [s for s in self.manager.all_steps() if s < step]
+            hint = (
+                f"; move it aside to resume from step {max(earlier)}"
+                if earlier
+                else "; no earlier checkpoint to resume from"
+            )
+            err = restore_error(self.directory / str(step), "cannot restore the training state", e)
+            raise CheckpointError(f"{err}{hint}") from e
         return out.state, dict(out.data_iter), dict(out.meta)
 
     def wait(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -137,6 +138,28 @@ def test_corrupt_and_missing_files(tmp_path):
         assert len(line) == 1 and name in line[0] and "Traceback" not in proc.stderr
         assert not out.exists()
     assert leftovers(tmp_path) == []
+
+
+def test_damaged_converted_checkpoint_is_one_line(tmp_path, converted):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(converted, damaged)
+    for f in (damaged / "params").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:100])
+    image = REPO / "demo_data" / "val" / "imagesTr" / "totalseg_ct_pelvis_0000.nii.gz"
+    argv = ["segment", "--image", image, "--checkpoint", damaged, "--point", "60,50,40"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sammed3d_jax", *map(str, argv), "--out", str(tmp_path / "m.nii")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Event loop" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"{damaged / 'params'}: cannot restore parameters: " in line
+    assert not (tmp_path / "m.nii").exists()
 
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):

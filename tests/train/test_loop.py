@@ -118,7 +118,7 @@ def test_resume_after_kill_is_exact(tmp_path, capsys):
     from flax import nnx
 
     from sammed3d_jax.__main__ import main
-    from sammed3d_jax.checkpoint import load_model
+    from sammed3d_jax.checkpoint import CheckpointError, load_model
 
     loaded = nnx.to_flat_state(nnx.state(load_model(straight), nnx.Param))
     flat = {"/" + "/".join(str(k) for k in path): v.get_value() for path, v in loaded}
@@ -129,6 +129,20 @@ def test_resume_after_kill_is_exact(tmp_path, capsys):
     argv = ["segment", "--image", str(image), "--checkpoint", str(straight), "--point", "60,50,40"]
     assert main([*argv, "--out", str(tmp_path / "mask.nii.gz")]) == 0
     assert "3x3x3 mm grid" in capsys.readouterr().out
+
+    # A damaged latest checkpoint (truncated array files) is one line naming its directory
+    # and the step to fall back to, not orbax's tracebacks of reads left in flight.
+    for f in (interrupted / "checkpoints" / "6" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:100])
+    proc = run(interrupted, 8)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Event loop" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if "training failed" in x]
+    assert f"{interrupted / 'checkpoints' / '6'}: cannot restore the training state" in line
+    assert line.endswith("move it aside to resume from step 3")
+    with pytest.raises(CheckpointError, match="checkpoints/6/state: cannot restore parameters"):
+        load_model(interrupted)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
