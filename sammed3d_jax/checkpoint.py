@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from flax import nnx
 
 from sammed3d_jax.convert.pth import PthError, find_state_dict, load_pth, save_pth
@@ -290,11 +290,9 @@ def _training_run_model(path: Path, **config_overrides: Any) -> Sam3D:
     model = nnx.eval_shape(lambda: Sam3D(cfg, rngs=nnx.Rngs(0)))
     like = nnx.to_pure_dict(nnx.state(model))
     state_dir = path / "checkpoints" / str(steps[-1]) / "state"
+    silence_orphaned_reads()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # no target shardings: host arrays
-            silence_orphaned_reads()
-            restored = ocp.PyTreeCheckpointer().restore(state_dir.absolute())
+        restored = _restore_model_parts(state_dir.absolute())
     except Exception as e:  # orbax raises many types for missing/corrupt files
         raise restore_error(state_dir, "cannot restore parameters", e) from e
     merged: dict = {}
@@ -305,6 +303,27 @@ def _training_run_model(path: Path, **config_overrides: Any) -> Sam3D:
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{state_dir}: parameters do not match {cfg}: {e}") from e
     return model
+
+
+def _restore_model_parts(state_dir: Path) -> dict:
+    """The model's parts ("params", "rest") of a training state as host arrays; the
+    optimizer state (twice the parameters' size for Adam) is not read."""
+    ckptr = ocp.PyTreeCheckpointer()
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # "no _CHECKPOINT_METADATA": expected here
+    try:
+        meta = ckptr.metadata(state_dir)
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    tree = getattr(getattr(meta, "item_metadata", None), "tree", None) or meta.tree
+    parts = {k: tree[k] for k in ("params", "rest") if k in tree}
+    as_numpy = ocp.RestoreArgs(restore_type=np.ndarray)
+    args = ocp.args.PyTreeRestore(
+        item=jax.tree_util.tree_map(lambda _: 0, parts),
+        restore_args=jax.tree_util.tree_map(lambda _: as_numpy, parts),
+        partial_restore=True,
+    )
+    return ckptr.restore(state_dir, args=args)
 
 
 def _strip_value(tree: Any) -> Any:
