@@ -248,6 +248,46 @@ def _is_training_run(path: Path) -> bool:
     return path.is_dir() and (path / "checkpoints").is_dir() and not (path / PARAMS_DIR).exists()
 
 
+def weights_stamp(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What identifies the weights `load_model(path)` would load, cheaply: the step (for a
+    training run) and a digest of the names, sizes and modification times of the files that
+    hold the weights.
+
+    Results computed under one stamp are not to be mixed with another's (a training run that
+    saved a newer step, a `.pth` or converted folder replaced in place). None when `path`
+    does not exist.
+    """
+    path = Path(path)
+
+    def digest(*roots: Path) -> str:
+        h = hashlib.sha256()
+        for root in roots:
+            files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+            for f in files:
+                st = f.stat()
+                h.update(
+                    f"{f.relative_to(root.parent)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(
+                        errors="surrogateescape"
+                    )
+                )
+        return h.hexdigest()[:16]
+
+    try:
+        if not path.exists():
+            return None
+        if path.is_file():
+            return {"files": digest(path)}
+        if _is_training_run(path):
+            steps = [int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit()]
+            if not steps:
+                return {"step": None}
+            step = max(steps)
+            return {"step": step, "files": digest(path / "checkpoints" / str(step) / "state")}
+        return {"files": digest(path / PARAMS_DIR, path / CONFIG_FILE)}
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
 def recorded_spacing(path: str | os.PathLike) -> tuple[float, float, float] | None:
     """The model-grid spacing (mm) a checkpoint was trained on, where the checkpoint says.
 

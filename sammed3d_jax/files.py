@@ -123,7 +123,7 @@ def write_atomic(dst: Path, data: bytes | str) -> None:
     """Write ``data`` to ``dst`` atomically and durably (see :func:`atomic_path`)."""
     with atomic_path(dst, suffix=".tmp") as tmp:
         with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            f.write(data.encode(errors="surrogateescape") if isinstance(data, str) else data)
 
 
 def check_output_file(dst: Path, flag: str, inputs: Sequence[Path] = ()) -> None:

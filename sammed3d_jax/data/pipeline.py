@@ -523,7 +523,7 @@ def _default_index_path(cfg: DataConfig, root: Path) -> Path:
     name = f"{_INDEX_PREFIX}-{hashlib.sha256(params).hexdigest()[:12]}.json"
     if os.access(root, os.W_OK):
         return root / name
-    tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    tag = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:12]
     return Path.home() / ".cache" / "sammed3d_jax" / f"{tag}{name}"
 
 

@@ -9,15 +9,18 @@ present in it) is run with the chosen protocol (:mod:`sammed3d_jax.eval.protocol
 
 Output folder::
 
-  OUT/run.json             settings of the run; a re-run with other settings is refused
+  OUT/run.json             settings of the run; a re-run with other settings (or other
+                           weights: a newer step of a training run, a checkpoint
+                           replaced in place) is refused
   OUT/cases/<case>.json    one result per case, written atomically when the case is done
   OUT/predictions/<case>.nii.gz   merged label map after the last click (--save-predictions)
   OUT/summary.json         nnU-Net style: metric_per_case, mean (per class), foreground_mean
   OUT/summary.csv          one row per (case, class), one per failed case
   OUT/dice_vs_clicks.png   mean Dice and NSD against the click number
 
-Resuming: a case whose ``cases/<case>.json`` exists is never recomputed (failed cases neither,
-unless ``--retry-failed``); the summary is rebuilt from the case files, so re-running a
+Resuming: a case whose ``cases/<case>.json`` exists is not recomputed (failed cases neither,
+unless ``--retry-failed``) while its image and label files are unchanged (size and
+modification time, recorded when the case was read); the summary is rebuilt from the case files, so re-running a
 finished or interrupted run gives the same summary. ``<case>`` is the case id, made unique
 with the dataset, split and (SAM-Med3D layout) class folder when ids repeat.
 
@@ -206,6 +209,19 @@ def _class_ids(label_array: np.ndarray, path: Path, wanted: Sequence[int] | None
     return chosen
 
 
+def _file_stamp(path: Path | None) -> list[int] | None:
+    """Size and modification time (ns) of an input file; None if it cannot be read."""
+    try:
+        st = Path(path).stat() if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else [st.st_size, st.st_mtime_ns]
+
+
+def _input_stamps(case: Case) -> dict[str, list[int] | None]:
+    return {"image": _file_stamp(case.image_path), "label": _file_stamp(case.label_path)}
+
+
 def _case_record(key: str, case: Case, fingerprint: dict[str, Any]) -> dict[str, Any]:
     return {
         "case": key,
@@ -214,6 +230,7 @@ def _case_record(key: str, case: Case, fingerprint: dict[str, Any]) -> dict[str,
         "split": case.split,
         "image": str(case.image_path),
         "label": None if case.label_path is None else str(case.label_path),
+        "inputs": _input_stamps(case),  # taken before reading: a later change is seen
         "fingerprint": fingerprint,
     }
 
@@ -409,12 +426,14 @@ def _summary_csv(summary: dict[str, Any]) -> bytes:
             writer.writerow([*row, ""])
     for f in summary["failed"]:
         writer.writerow([f["case"], "", "", "", "failed", *[""] * (2 + 2 * n), f["error"]])
-    return buf.getvalue().encode()
+    return buf.getvalue().encode(errors="surrogateescape")  # paths' bytes as they are
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from sammed3d_jax.inference.overlay import plain_text
 
     n = int(summary["settings"]["num_clicks"])
     x = np.arange(1, n + 1)
@@ -426,7 +445,9 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         if len(mean) <= 12:
             for name, m in mean.items():
                 y = np.array([np.nan if v is None else v for v in m[metric]], dtype=float)
-                ax.plot(x, y, marker="o", linewidth=1, markersize=3, alpha=0.7, label=name)
+                ax.plot(
+                    x, y, marker="o", linewidth=1, markersize=3, alpha=0.7, label=plain_text(name)
+                )
         fg = summary["foreground_mean"][metric]
         y = np.array([np.nan if v is None else v for v in fg], dtype=float)
         ax.plot(x, y, marker="o", color="black", linewidth=2.5, label="foreground mean")
@@ -606,6 +627,7 @@ def evaluate_dataset(
         "classes": None if classes is None else sorted({int(c) for c in classes}),
         "spacing_mm": grid[0] if len(set(grid)) == 1 else list(grid),
         "checkpoint": str(ckpt.resolve()),
+        "weights": _weights_stamp(ckpt),
         "data": str(Path(data).resolve()),
         "layout": discovery.layout,
     }
@@ -625,6 +647,7 @@ def evaluate_dataset(
 
     records: dict[str, dict[str, Any]] = {}
     todo: list[tuple[str, Case]] = []
+    changed: list[str] = []
     for key, case in selected:
         record = _load_record(cases_dir / f"{key}.json")
         lost = (  # a saved prediction deleted since: compute the case again
@@ -633,10 +656,18 @@ def evaluate_dataset(
             and "prediction" in record
             and not (out_dir / record["prediction"]).exists()
         )
-        same_files = record is not None and (record["image"], record["label"]) == (
+        # the same files, unchanged since (size and modification time)
+        same_files = record is not None and (
+            record["image"],
+            record["label"],
+            record.get("inputs"),
+        ) == (
             str(case.image_path),
             None if case.label_path is None else str(case.label_path),
+            _input_stamps(case),
         )
+        if record is not None and not same_files and record["image"] == str(case.image_path):
+            changed.append(key)
         if (
             record is not None
             and not lost
@@ -654,6 +685,13 @@ def evaluate_dataset(
         else:
             todo.append((key, case))
     skipped = [k for k, _ in selected if k in records]
+    if changed:
+        print(
+            f"note: {len(changed)} case(s) whose image or label changed since they were "
+            f"evaluated are computed again: {', '.join(changed[:5])}"
+            + (", ..." if len(changed) > 5 else ""),
+            file=sys.stderr,
+        )
 
     if todo:
         engine = _engine(model, ckpt)
@@ -742,6 +780,15 @@ def resolve_spacing(
     if values.size not in (1, 3) or not np.all(np.isfinite(values) & (values > 0)):
         raise RunnerError(f"--spacing must be > 0 (one value or three), got {spacing}")
     return tuple(float(v) for v in np.broadcast_to(values, (3,)))  # type: ignore[return-value]
+
+
+def _weights_stamp(ckpt: Path) -> dict[str, Any] | None:
+    from sammed3d_jax.checkpoint import CheckpointError, weights_stamp
+
+    try:
+        return weights_stamp(ckpt)
+    except CheckpointError as exc:
+        raise RunnerError(f"--checkpoint {exc}") from exc
 
 
 def _engine(model: Any, ckpt: Path) -> Any:

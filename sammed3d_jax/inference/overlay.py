@@ -20,7 +20,15 @@ import numpy as np
 from sammed3d_jax.data.geometry import to_canonical
 from sammed3d_jax.files import atomic_path
 
-__all__ = ["canonical_voxel_index", "save_overlay_png"]
+__all__ = ["canonical_voxel_index", "plain_text", "save_overlay_png"]
+
+
+def plain_text(text: str) -> str:
+    """`text` (a file or class name) as matplotlib shows it literally: "$" escaped (an even
+    number of them starts mathtext, whose parser rejects most names) and bytes that are not
+    UTF-8 (a file name's, kept by Python as surrogates) shown as U+FFFD."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text.replace("$", r"\$")
 
 
 def canonical_voxel_index(points: np.ndarray, axis_map: Sequence) -> np.ndarray:
@@ -138,7 +146,7 @@ def save_overlay_png(
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(plain_text(title), fontsize=10)
     fig.tight_layout()
     with atomic_path(dst, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")

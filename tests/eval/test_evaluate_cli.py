@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,6 +207,14 @@ def test_resume(fixture_dataset, golden_model, tmp_path, fixtures_dir, capsys):
     (out / "cases" / "cord_a.json").write_text(json.dumps(moved))
     assert evaluate_dataset(data, CKPT, out, **kwargs).computed == ["cord_a"]
 
+    # An input file changed in place since its case was evaluated: computed again.
+    label_c = extra / "labelsTr" / "cord_c.nii.gz"
+    blob = label_c.read_bytes()
+    label_c.unlink()
+    label_c.write_bytes(blob)
+    assert evaluate_dataset(data, CKPT, out, **kwargs).computed == ["cord_c"]
+    assert "changed since they were evaluated are computed again: cord_c" in capsys.readouterr().err
+
     # The model is not even needed once everything is done.
     final = (out / "summary.json").read_bytes()
     done = evaluate_dataset(data, CKPT, out, protocol="cvpr25", num_clicks=2, progress=False)
@@ -214,6 +223,40 @@ def test_resume(fixture_dataset, golden_model, tmp_path, fixtures_dir, capsys):
     # Other settings in the same folder are refused.
     with pytest.raises(runner.RunnerError, match="other settings"):
         evaluate_dataset(data, CKPT, out, protocol="cvpr25", num_clicks=3, progress=False)
+
+
+def test_other_weights_at_the_same_path_are_refused(fixture_dataset, golden_model, tmp_path):
+    """A checkpoint replaced in place (or a training run with a newer step) gives other
+    results: they are not mixed into a folder of the previous weights' results."""
+    ckpt = tmp_path / "model.pth"
+    shutil.copy(CKPT, ckpt)
+    out = tmp_path / "out"
+    kwargs = dict(num_clicks=1, limit=1, progress=False, model=golden_model)
+    evaluate_dataset(fixture_dataset, ckpt, out, **kwargs)
+    assert evaluate_dataset(fixture_dataset, ckpt, out, **kwargs).computed == []
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(runner.RunnerError, match="other settings \\(weights "):
+        evaluate_dataset(fixture_dataset, ckpt, out, **kwargs)
+
+
+def test_odd_names_reach_every_output(fixture_dataset, golden_model, tmp_path):
+    """A folder name that is not UTF-8 and class names matplotlib would read as mathtext."""
+    root = tmp_path / ("d" + os.fsdecode(b"\xff")) / ("Dataset001_" + os.fsdecode(b"\xff") + "$^$")
+    root.mkdir(parents=True)
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).symlink_to(fixture_dataset / sub)
+    (root / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "C$^$2": 2, "C3$": 3, "C4": 4, "C5": 5}})
+    )
+    out = tmp_path / "out"
+    stats = evaluate_dataset(
+        root.parent, CKPT, out, num_clicks=1, limit=1, progress=False, model=golden_model
+    )
+    assert stats.computed == ["cord_a"]
+    assert b"\xff$^$" in (out / "summary.csv").read_bytes()
+    assert "C$^$2" in json.loads((out / "summary.json").read_text())["mean"]
+    assert (out / "dice_vs_clicks.png").stat().st_size > 1000
 
 
 def test_resume_recomputes_a_deleted_prediction(fixture_dataset, golden_model, tmp_path):
