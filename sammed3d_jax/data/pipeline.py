@@ -193,7 +193,10 @@ class DataConfig:
         if self.clamp_ct not in ("auto", "always", "never"):
             raise ValueError(f"clamp_ct must be 'auto', 'always' or 'never', got {self.clamp_ct!r}")
         if self.crop_size < 1 or self.batch_size < 1:
-            raise ValueError("crop_size and batch_size must be positive")
+            raise ValueError(
+                f"data.crop_size and data.batch_size must be positive, got "
+                f"crop_size={self.crop_size}, batch_size={self.batch_size}"
+            )
         if len(self.spacing) != 3 or not all(
             np.isfinite(float(v)) and float(v) > 0 for v in self.spacing
         ):

@@ -355,6 +355,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     }
     for name, value in paths.items():
         check_local_path(value, name)
+    if not any(paths[k] for k in ("data.root", "data.records", "data.tfds_dir")):
+        raise ValueError(
+            "no training data: set data.root (a NIfTI dataset folder), data.records (prepared "
+            "shards) or data.tfds_dir (a TFDS build); the shipped configs take data=... or "
+            "records=... after their file name"
+        )
     clicks = tuple(config.val.clicks)
     if not clicks or any(not isinstance(c, int) or c < 1 for c in clicks):
         raise ValueError(f"val.clicks must be click counts >= 1, got {clicks!r}")
@@ -368,7 +374,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     accumulation = int(config.optim.get("accumulation_steps", 1) or 1)
     updates = config.total_steps // accumulation
     schedule_steps = config.optim.get("total_steps")
-    if config.optim.get("schedule") == "warmup_cosine" and schedule_steps not in (None, updates):
+    cosine = config.optim.get("schedule") == "warmup_cosine"
+    if cosine and schedule_steps is not None and schedule_steps < updates:
+        if not config.optim.get("min_lr_ratio", 0.0):
+            raise ValueError(
+                f"optim.total_steps={schedule_steps} ends the warmup_cosine schedule at "
+                f"learning rate 0, but the run makes {updates} optimizer updates "
+                f"(total_steps={config.total_steps} / accumulation_steps={accumulation}): "
+                f"the last {updates - schedule_steps} would not train; set optim.total_steps="
+                f"{updates} (a config's ':steps=N' argument sets both)"
+            )
+    if cosine and schedule_steps not in (None, updates):
         log.warning(
             "optim.total_steps=%s but the run makes %d optimizer updates (total_steps=%d / "
             "accumulation_steps=%d): the cosine schedule %s",

@@ -32,6 +32,10 @@ def _optim(config: ml_collections.ConfigDict) -> OptimConfig:
 )
 def test_shipped_configs_are_valid(module, arg):
     config = module.get_config(arg)
+    if not config.data.root:  # the pretrain and finetune configs are told where data are
+        with pytest.raises(ValueError, match=r"no training data: set data\.root"):
+            loop.check_config(config)
+        config.data.records = "/data/shards"
     loop.check_config(config)
     cfg = loop.model_config(config)
     loop.data_config(config.data, cfg.img_size)
@@ -58,7 +62,7 @@ def test_pretrain_pools_normalisation_over_the_originals_per_gpu_batch():
 def test_finetune_schedule_counts_optimizer_updates(caplog):
     optim = _optim(finetune.get_config("steps=20000,accumulation=20"))
     assert (optim.total_steps, optim.warmup_steps, optim.accumulation_steps) == (1000, 100, 20)
-    config = finetune.get_config("steps=20000")
+    config = finetune.get_config("steps=20000,records=/data/shards")
     with caplog.at_level("WARNING"):
         loop.check_config(config)
     assert not caplog.records
@@ -66,6 +70,17 @@ def test_finetune_schedule_counts_optimizer_updates(caplog):
     with caplog.at_level("WARNING"):
         loop.check_config(config)
     assert "will not finish decaying" in caplog.text
+
+
+def test_a_cosine_schedule_shorter_than_the_run_is_refused(caplog):
+    config = cpu_demo.get_config("steps=20")
+    config.total_steps = 120  # the schedule would sit at learning rate 0 for 100 steps
+    with pytest.raises(ValueError, match=r"optim\.total_steps=20 .* set optim\.total_steps=120"):
+        loop.check_config(config)
+    config.optim.min_lr_ratio = 0.1  # it then trains on at the final rate: a warning
+    with caplog.at_level("WARNING"):
+        loop.check_config(config)
+    assert "ends before the run" in caplog.text
 
 
 @pytest.mark.parametrize(
