@@ -159,9 +159,10 @@ def resampled_grid(
         )
     if np.prod(new_size) > MAX_RESAMPLED_VOXELS:
         raise ValueError(
-            f"resampling to {new_spacing.tolist()} mm gives a {new_size.astype(int).tolist()} "
-            f"grid ({np.prod(new_size):,.0f} voxels, more than {MAX_RESAMPLED_VOXELS:,}); "
-            "check the spacing"
+            f"resampling to {new_spacing.tolist()} mm gives a "
+            f"{' x '.join(f'{v:.4g}' for v in new_size)} grid ({np.prod(new_size):.4g} voxels, "
+            f"more than {MAX_RESAMPLED_VOXELS:,}); check the voxel spacing "
+            f"({' x '.join(f'{v:.4g}' for v in old_spacing)} mm in the file)"
         )
     half_extent = (new_size - 1) / 2 * new_spacing
     new_origin_lps = center_lps - direction_lps @ half_extent

@@ -777,8 +777,10 @@ def resolve_spacing(
             raise RunnerError(f"--checkpoint {checkpoint}: {_one_line(exc)}") from exc
         return recorded if recorded is not None else DEFAULT_SPACING
     values = np.asarray(spacing, dtype=float).reshape(-1)
-    if values.size not in (1, 3) or not np.all(np.isfinite(values) & (values > 0)):
-        raise RunnerError(f"--spacing must be > 0 (one value or three), got {spacing}")
+    if values.size not in (1, 3):  # three only from Python; the flag takes one number
+        raise RunnerError(f"--spacing must be one number of mm (or three), got {spacing}")
+    if not np.all(np.isfinite(values) & (values > 0)):
+        raise RunnerError(f"--spacing must be a positive, finite number of mm, got {spacing}")
     return tuple(float(v) for v in np.broadcast_to(values, (3,)))  # type: ignore[return-value]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import nibabel as nib
 import numpy as np
@@ -261,8 +263,12 @@ def test_bad_arguments_are_clear_errors(golden_model):
         Predictor(golden_model, spacing=(1.5, 1.5))
     predictor = Predictor(golden_model)
     # A spacing that would make an enormous grid, and a volume thinner than one voxel.
-    with pytest.raises(VolumeError, match=r"<image>: resampling to .* check the spacing"):
+    with pytest.raises(VolumeError, match=r"<image>: resampling to .* check the voxel spacing"):
         Predictor(golden_model, spacing=1e-3).set_image(_synthetic_volume())
+    with warnings.catch_warnings():  # a grid too large for int64 is named without overflow
+        warnings.simplefilter("error")
+        with pytest.raises(VolumeError, match=r"gives a 2e\+32 x 6e\+31 x 6e\+31 grid"):
+            Predictor(golden_model, spacing=1e-30).set_image(_synthetic_volume())
     with pytest.raises(VolumeError, match="<image>: the volume spans 1 mm"):
         predictor.set_image(Volume(np.ones((30, 30, 2), np.float32), np.diag([1, 1, 0.5, 1.0])))
     predictor.set_image(_synthetic_volume())

@@ -253,9 +253,11 @@ def test_spacing_default_comes_from_the_training_run(paths, tmp_path):
     # Converted checkpoints and .pth files carry no spacing: the released models' 1.5 mm.
     assert recorded_spacing(paths["ckpt"]) is None
     assert resolve_spacing(None, paths["ckpt"]) == (1.5, 1.5, 1.5)
-    for bad in (0.0, -1.0, float("nan"), [1.0, 2.0]):
-        with pytest.raises(RunnerError, match="--spacing must be > 0"):
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(RunnerError, match="--spacing must be a positive, finite number"):
             resolve_spacing(bad, None)
+    with pytest.raises(RunnerError, match="--spacing must be one number of mm"):
+        resolve_spacing([1.0, 2.0], None)
     broken = _fake_run(tmp_path / "broken", [3.0, -1.0, 3.0])
     with pytest.raises(RunnerError, match=r"data\.spacing must be positive"):
         resolve_spacing(None, broken)
