@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     parser.add_argument("--export", action="store_true", help="Flax checkpoint -> .pth")
     parser.add_argument("--bare", action="store_true", help="with --export: bare state dict")
-    parser.add_argument("--seed", type=int, default=0, help="random inputs for --verify")
+    parser.add_argument("--seed", type=int, default=None, help="random inputs for --verify (0)")
     parser.add_argument(
         "--img-size",
         type=int,
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.bare and not args.export:
             raise CheckpointError("--bare applies to --export only")
+        if args.seed is not None and not args.verify:
+            raise CheckpointError("--seed applies to --verify only")
         if args.export:
             if args.dst.exists() and not args.overwrite:
                 raise CheckpointError(f"{args.dst} already exists (use --overwrite)")
@@ -93,10 +95,21 @@ def main(argv: list[str] | None = None) -> int:
                 check_output_file(args.dst, "OUT.pth", inputs=[args.src])
             except ValueError as e:
                 raise CheckpointError(str(e)) from None
+            src = args.src.resolve()
+            if args.src.is_dir() and src in args.dst.resolve().parents:
+                raise CheckpointError(
+                    f"OUT.pth {args.dst}: inside the checkpoint being exported ({args.src}); "
+                    "choose a path outside it"
+                )
             model = load_model(args.src)
             export_pth(model, args.dst, bare=args.bare)
             print(f"wrote {args.dst} ({'bare state dict' if args.bare else 'model_state_dict'})")
             return 0
+        if args.src.is_dir():
+            raise CheckpointError(
+                f"{args.src}: is a folder; converting reads a .pth file (--export writes a "
+                "converted folder as a .pth)"
+            )
         if not args.src.is_file():
             raise CheckpointError(f"{args.src}: no such file")
         if args.dst.exists() and args.dst.resolve() == args.src.resolve():
@@ -134,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify:
             from sammed3d_jax.convert.verify import verify_against_torch
 
-            result = verify_against_torch(args.src, args.dst, seed=args.seed)
+            result = verify_against_torch(args.src, args.dst, seed=args.seed or 0)
             for name, v in result["outputs"].items():
                 flag = "ok" if v["ok"] else "FAIL"
                 print(

@@ -263,6 +263,26 @@ def test_grid_without_pos_embed_is_not_guessed(golden_sd):
     assert infer_config(sd, img_size=full.img_size) == full.replace(use_abs_pos=False)
 
 
+def test_arguments_that_cannot_apply_are_refused(tmp_path, converted, capsys):
+    from convert_torch_weights import main
+
+    before = {f.name: f.read_bytes() for f in converted.iterdir() if f.is_file()}
+    cases = [
+        ([converted, tmp_path / "out"], "is a folder; converting reads a .pth file"),
+        (
+            [converted, converted / "config.json", "--export", "--overwrite"],
+            "inside the checkpoint being exported",
+        ),
+        ([converted, tmp_path / "x.pth", "--export", "--seed", "3"], "--seed applies to --verify"),
+    ]
+    for argv, message in cases:
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert {f.name: f.read_bytes() for f in converted.iterdir() if f.is_file()} == before
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.pth").exists()
+
+
 def test_mlp_width_is_rebuilt_exactly():
     """hidden / dim can round one ulp low and truncate one short (115 / 56 -> 114)."""
     from sammed3d_jax.convert.torch_to_jax import _ratio_for
