@@ -598,6 +598,13 @@ def evaluate_dataset(
     ckpt = Path(checkpoint)
     if model is None and not ckpt.exists():
         raise RunnerError(f"--checkpoint {ckpt}: no such file or directory")
+    out_abs = Path(out).resolve()
+    for flag, inside in (("--data", Path(data)), ("--checkpoint", ckpt)):
+        if inside.is_dir() and (out_abs == inside.resolve() or inside.resolve() in out_abs.parents):
+            raise RunnerError(
+                f"--out {out}: inside the {flag} folder {inside}; results go to a folder of "
+                "their own"
+            )
     grid = resolve_spacing(spacing, ckpt)
     try:
         discovery = scan_dataset(data, layout)  # type: ignore[arg-type]

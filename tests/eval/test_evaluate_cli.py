@@ -259,6 +259,16 @@ def test_odd_names_reach_every_output(fixture_dataset, golden_model, tmp_path):
     assert (out / "dice_vs_clicks.png").stat().st_size > 1000
 
 
+def test_results_are_not_written_into_the_inputs(fixture_dataset, golden_model, tmp_path):
+    kwargs = dict(num_clicks=1, limit=1, progress=False, model=golden_model)
+    ckpt = tmp_path / "run"
+    (ckpt / "checkpoints").mkdir(parents=True)
+    for out, flag in ((fixture_dataset, "--data"), (ckpt / "eval", "--checkpoint")):
+        with pytest.raises(runner.RunnerError, match=f"inside the {flag} folder"):
+            evaluate_dataset(fixture_dataset, ckpt, out, **kwargs)
+    assert not (fixture_dataset / "run.json").exists() and not (ckpt / "eval").exists()
+
+
 def test_resume_recomputes_a_deleted_prediction(fixture_dataset, golden_model, tmp_path):
     out = tmp_path / "out"
     kwargs = dict(num_clicks=1, limit=1, save_predictions=True, progress=False, model=golden_model)
