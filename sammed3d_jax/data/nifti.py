@@ -236,6 +236,9 @@ def save_mask(path: str | os.PathLike, array: np.ndarray, like: Volume) -> Path:
     if data.size and (data.min() < 0 or data.max() > 255):
         raise VolumeError(f"{dst}: mask values outside 0..255 cannot be stored as uint8")
     data = data.astype(np.uint8)
+    file_shape = tuple(int(d) for d in like.header.get_data_shape()) if like.header else ()
+    if len(file_shape) > 3 and file_shape[:3] == data.shape and set(file_shape[3:]) == {1}:
+        data = data.reshape(file_shape)  # the source's trailing singleton axes, kept
     affine = np.asarray(like.affine, dtype=np.float64)
     if type(like.header) is nib.Nifti1Header:  # not NIfTI-2 (a subclass): written as NIfTI-1
         # Copy the raw qform/sform fields and codes rather than refitting them from the

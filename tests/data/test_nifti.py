@@ -79,6 +79,11 @@ def test_4d_with_trailing_singleton_is_squeezed(tmp_path: Path) -> None:
     vol = load_volume(_write(tmp_path / "one.nii.gz", data))
     assert vol.shape == (5, 6, 7) and vol.array.dtype == np.int16
     np.testing.assert_array_equal(vol.array, data[..., 0])
+    # A mask written on its grid has the file's exact shape, singleton axis included.
+    mask = (vol.array % 2).astype(np.uint8)
+    out = nib.load(save_mask(tmp_path / "mask.nii.gz", mask, vol))
+    assert out.shape == (5, 6, 7, 1)
+    np.testing.assert_array_equal(np.asarray(out.dataobj)[..., 0], mask)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
