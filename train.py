@@ -1,9 +1,10 @@
-"""Train SAM-Med3D (from scratch or fine-tuning converted PyTorch weights).
+r"""Train SAM-Med3D (from scratch or fine-tuning converted PyTorch weights).
 
     python train.py                                          # built-in CPU demo run
     python train.py --config configs/finetune.py:init_from=ckpt/turbo,data=/data/train \
         --workdir runs/ft --config.optim.lr=8e-5
-    python train.py --config configs/pretrain.py --workdir /gcs/bucket/run   # pods/clusters
+    python train.py --config configs/pretrain.py:records=/gcs/bucket/shards \
+        --workdir /gcs/bucket/run                            # pods/clusters
 
 Resumes automatically from the latest checkpoint in --workdir. Multi-host runs start one
 process per host; the cluster is detected (TPU pods, SLURM) or given with the flags below.
