@@ -54,6 +54,18 @@ class CheckpointError(ValueError):
     """A checkpoint path is missing, unreadable or not a model checkpoint."""
 
 
+def require_utf8_path(path: str | os.PathLike, what: str) -> None:
+    """Orbax (through TensorStore) opens only paths that are valid UTF-8; a name holding
+    other bytes fails inside it with a type-cast message. Raise `CheckpointError` first."""
+    try:
+        os.fsdecode(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(
+            f"{os.fsdecode(path)!r}: {what} folders must have names that are valid UTF-8 "
+            "(Orbax cannot open others); rename it or link it under another name"
+        ) from None
+
+
 def restore_error(where: str | os.PathLike, what: str, error: BaseException) -> CheckpointError:
     """One-line `CheckpointError` for a failed Orbax restore of `where`.
 
@@ -209,6 +221,7 @@ def save_model(
 ) -> Path:
     """Write `model`'s weights and config as a converted checkpoint directory."""
     out_dir = Path(out_dir).absolute()
+    require_utf8_path(out_dir, "checkpoint")
     pure = nnx.to_pure_dict(nnx.state(model))
     pure = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), pure)
     with _atomic_dir(out_dir, overwrite) as tmp:
@@ -404,6 +417,7 @@ def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
         except ConversionError as e:
             raise CheckpointError(f"{path}: {e}") from e
         return model
+    require_utf8_path(path.absolute(), "checkpoint")
     if _is_training_run(path):
         return _training_run_model(path, **config_overrides)
     cfg = load_config(path)

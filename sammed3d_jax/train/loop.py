@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from sammed3d_jax import sharding as sh
-from sammed3d_jax.checkpoint import PARAMS_DIR
+from sammed3d_jax.checkpoint import PARAMS_DIR, require_utf8_path
 from sammed3d_jax.data.pipeline import DataConfig, make_eval_dataset, make_train_dataset
 from sammed3d_jax.files import atomic_path, write_atomic
 from sammed3d_jax.model.config import NUMERIC_FIELDS, Sam3DConfig
@@ -450,6 +450,7 @@ def check_workdir(workdir: Path) -> None:
     training run's (a run writes its own over it)."""
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir {workdir}: is a file, not a folder")
+    require_utf8_path(workdir.absolute(), "--workdir")
     if (workdir / PARAMS_DIR).exists():
         raise ValueError(
             f"--workdir {workdir}: holds a converted model checkpoint ({PARAMS_DIR}/); train "

@@ -162,6 +162,15 @@ def test_damaged_converted_checkpoint_is_one_line(tmp_path, converted):
     assert not (tmp_path / "m.nii").exists()
 
 
+def test_checkpoint_folder_names_must_be_utf8(tmp_path, converted):
+    from sammed3d_jax.checkpoint import CheckpointError
+
+    odd = tmp_path / ("ckpt" + os.fsdecode(b"\xff"))
+    shutil.copytree(converted, odd)
+    with pytest.raises(CheckpointError, match="must have names that are valid UTF-8"):
+        load_model(odd)
+
+
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import ml_collections
 import pytest
@@ -202,6 +203,7 @@ def test_workdirs_a_run_would_damage_are_refused(tmp_path):
         (tmp_path / "afile", "is a file"),
         (model_ckpt, "holds a converted model checkpoint"),
         (foreign, "not a training run's config"),
+        (tmp_path / ("run" + os.fsdecode(b"\xff")), "--workdir folders must have names that are"),
     ):
         with pytest.raises(ValueError, match=message):
             loop.check_workdir(workdir)
