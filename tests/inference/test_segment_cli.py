@@ -97,6 +97,19 @@ def test_segment_mm_and_voxel_clicks_agree(paths, tmp_path, capsys):
     np.testing.assert_array_equal(nib.load(a).get_fdata(), nib.load(b).get_fdata())
 
 
+def test_segment_png_of_an_oddly_named_image(paths, tmp_path, capsys):
+    """The overlay's title holds the file name: mathtext and bytes that are not UTF-8."""
+    image = tmp_path / ("p$^$q" + os.fsdecode(b"\xff") + ".nii.gz")
+    image.symlink_to(paths["image"])
+    out, png = tmp_path / "m.nii.gz", tmp_path / "m.png"
+    argv = ["segment", "--image", str(image), "--checkpoint", str(paths["ckpt"])]
+    code, _, err = _run(
+        [*argv, "--point", "30,27,26", "--out", str(out), "--png", str(png)], capsys
+    )
+    assert code == 0, err
+    assert out.exists() and png.stat().st_size > 1000
+
+
 def test_segment_tile(paths, tmp_path, capsys):
     out = tmp_path / "tiled.nii"
     code, stdout, _ = _run(
