@@ -102,6 +102,12 @@ def _one_line(message: Any) -> str:
     return " ".join(str(message).split())
 
 
+def _flag_error(flag: str, path: Any, exc: BaseException) -> str:
+    """ "FLAG PATH: reason", without repeating the path where the reason starts with it."""
+    reason = _one_line(exc)
+    return f"{flag} {reason}" if reason.startswith(f"{path}") else f"{flag} {path}: {reason}"
+
+
 @dataclasses.dataclass
 class _Status:
     code: int = 0
@@ -781,7 +787,7 @@ def resolve_spacing(
         try:
             recorded = None if checkpoint is None else recorded_spacing(checkpoint)
         except CheckpointError as exc:
-            raise RunnerError(f"--checkpoint {checkpoint}: {_one_line(exc)}") from exc
+            raise RunnerError(_flag_error("--checkpoint", checkpoint, exc)) from exc
         return recorded if recorded is not None else DEFAULT_SPACING
     values = np.asarray(spacing, dtype=float).reshape(-1)
     if values.size not in (1, 3):  # three only from Python; the flag takes one number
@@ -809,7 +815,7 @@ def _engine(model: Any, ckpt: Path) -> Any:
         try:
             model = load_model(ckpt)
         except Exception as exc:
-            raise RunnerError(f"--checkpoint {ckpt}: {_one_line(exc)}") from exc
+            raise RunnerError(_flag_error("--checkpoint", ckpt, exc)) from exc
     return SamEngine(model)
 
 
