@@ -25,10 +25,12 @@ __all__ = ["canonical_voxel_index", "plain_text", "save_overlay_png"]
 
 def plain_text(text: str) -> str:
     """`text` (a file or class name) as matplotlib shows it literally: "$" escaped (an even
-    number of them starts mathtext, whose parser rejects most names) and bytes that are not
-    UTF-8 (a file name's, kept by Python as surrogates) shown as U+FFFD."""
+    number of them starts mathtext, whose parser rejects most names), bytes that are not
+    UTF-8 (a file name's, kept by Python as surrogates) shown as U+FFFD, and a leading "_"
+    (which hides a legend entry) behind a zero-width space."""
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return text.replace("$", r"\$")
+    text = text.replace("$", r"\$")
+    return "\u200b" + text if text.startswith("_") else text
 
 
 def canonical_voxel_index(points: np.ndarray, axis_map: Sequence) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -257,6 +258,23 @@ def test_odd_names_reach_every_output(fixture_dataset, golden_model, tmp_path):
     assert b"\xff$^$" in (out / "summary.csv").read_bytes()
     assert "C$^$2" in json.loads((out / "summary.json").read_text())["mean"]
     assert (out / "dice_vs_clicks.png").stat().st_size > 1000
+
+
+def test_plot_text_is_shown_literally():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from sammed3d_jax.inference.overlay import plain_text
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    names = ["_bladder", "a$^$b", "x" + os.fsdecode(b"\xff")]
+    for name in names:
+        ax.plot([0, 1], [0, 1], label=plain_text(name))
+    texts = [t.get_text() for t in ax.legend().get_texts()]
+    assert texts == ["\u200b_bladder", r"a\$^\$b", "x\ufffd"]  # none hidden or mangled
+    fig.savefig(io.BytesIO(), format="png")
 
 
 def test_results_are_not_written_into_the_inputs(fixture_dataset, golden_model, tmp_path):
