@@ -303,11 +303,16 @@ class ClampCTd(Transform):
         if self.mode == "never" or (self.mode == "auto" and not data.get("ct", False)):
             return data
         image = np.asarray(data["image"])
-        if np.issubdtype(image.dtype, np.integer):
-            info = np.iinfo(image.dtype)
-            lo = int(np.ceil(max(self.a_min, info.min)))
-            hi = int(np.floor(min(self.a_max, info.max)))
+        info = np.iinfo(image.dtype) if np.issubdtype(image.dtype, np.integer) else None
+        if info is not None and float(self.a_min).is_integer() and float(self.a_max).is_integer():
+            # Integral bounds keep the storage dtype (same values as clamping in float).
+            lo = int(max(self.a_min, info.min))
+            hi = int(min(self.a_max, info.max))
             clamped = np.clip(image, lo, hi)
+        elif info is not None:
+            # A fractional bound is a value integers cannot hold: clamp in float32, as a
+            # float32 copy of the same image (TFDS sources, NIfTI floats) is clamped.
+            clamped = np.clip(image.astype(np.float32), self.a_min, self.a_max)
         else:
             clamped = np.clip(image, self.a_min, self.a_max).astype(image.dtype, copy=False)
         out = dict(data)

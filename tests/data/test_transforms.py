@@ -173,6 +173,20 @@ def test_clamp_ct_rule() -> None:
         T.ClampCTd(mode="sometimes")
 
 
+def test_clamp_ct_same_values_for_integer_and_float_storage() -> None:
+    """An int16 image and its float32 copy (as the TFDS source stores it) clamp alike,
+    also for fractional bounds that integers cannot hold."""
+    image = np.array([-3000, -1001, -1000, 0, 1000, 1001, 3000], dtype=np.int16).reshape(1, 1, 7)
+    for lo, hi in ((-1000.0, 1000.0), (-1000.5, 1000.5), (-999.25, 250.75), (-40000.0, 40000.0)):
+        clamp = T.ClampCTd(lo, hi, "always")
+        from_int = clamp({"image": image})["image"]
+        from_float = clamp({"image": image.astype(np.float32)})["image"]
+        np.testing.assert_array_equal(from_int.astype(np.float32), from_float, err_msg=f"{lo, hi}")
+        expected = np.clip(image.astype(np.float64), lo, hi).astype(np.float32)
+        np.testing.assert_array_equal(from_float, expected)
+    assert T.ClampCTd(-1000, 1000, "always")({"image": image})["image"].dtype == np.int16
+
+
 @pytest.mark.parametrize(
     "name,expected",
     [
