@@ -394,6 +394,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             accumulation,
             "will not finish decaying" if schedule_steps > updates else "ends before the run",
         )
+    milestones = tuple(config.optim.get("milestones") or ())
+    if config.optim.get("schedule") == "multistep" and milestones:
+        unreached = [m for m in milestones if m >= updates]
+        if unreached:
+            log.warning(
+                "optim.milestones=%s counts optimizer updates, but the run makes %d "
+                "(total_steps=%d / accumulation_steps=%d): the learning rate never decays at %s",
+                milestones,
+                updates,
+                config.total_steps,
+                accumulation,
+                ", ".join(str(m) for m in unreached),
+            )
 
 
 # What a checkpoint's arrays and its data position depend on: changing any of these

@@ -8,8 +8,9 @@ Training step (``make_train_step``), one call per micro-batch, following the ori
    original training loop does by handing the whole batch to torchio as one multi-channel
    image; ``normalization_group`` pools groups of the batch, as each of the original's
    processes pools its own). Voxels <= 0 are excluded from the statistics but normalised.
-   Where the original raises (no or one positive voxel, or a zero standard deviation) the
-   mean falls back to 0 and the standard deviation to 1.
+   Where the original raises, the statistics fall back: with no positive voxel the mean is
+   0, and with fewer than two positive voxels or a zero standard deviation the standard
+   deviation is 1 (the mean stays what it is).
 2. The image encoder runs once.
 3. ``num_clicks`` decoder passes in a ``lax.scan`` (unrolled on GPUs: ``click_loop``). Each
    pass draws one click per sample uniformly from the error region of the previous

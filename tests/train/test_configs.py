@@ -84,6 +84,23 @@ def test_a_cosine_schedule_shorter_than_the_run_is_refused(caplog):
     assert "ends before the run" in caplog.text
 
 
+def test_multistep_milestones_beyond_the_run_are_named(caplog):
+    config = finetune.get_config("steps=2000,records=/data/shards")
+    config.optim.schedule = "multistep"  # milestones left at the pretraining defaults
+    with caplog.at_level("WARNING"):
+        loop.check_config(config)
+    assert "never decays at 120000, 180000" in caplog.text
+    caplog.clear()
+    config.optim.milestones = (1200, 1800)
+    with caplog.at_level("WARNING"):
+        loop.check_config(config)
+    assert "never decays" not in caplog.text
+    config.optim.accumulation_steps = 2  # 1,000 updates: the milestones are never reached
+    with caplog.at_level("WARNING"):
+        loop.check_config(config)
+    assert "never decays at 1200, 1800" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
