@@ -316,15 +316,27 @@ def _nanmean(values: Sequence[float | None]) -> float | None:
     return float(np.nanmean(v))
 
 
+def _nanstd(values: Sequence[float | None]) -> float | None:
+    """Population std over the non-NaN values (``np.nanstd``, as the original reports)."""
+    v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+    if v.size == 0 or np.all(np.isnan(v)):
+        return None
+    return float(np.nanstd(v))
+
+
 def _mean_curves(rows: list[dict[str, Any]], num_clicks: int) -> dict[str, Any]:
-    """Per-click and final means of the ``dice`` / ``nsd`` lists of ``rows``."""
+    """Per-click and final means and population stds of the ``dice`` / ``nsd`` lists of
+    ``rows`` (NaN values, such as a class both empty in label and prediction, left out)."""
     out: dict[str, Any] = {"n": len(rows)}
     for metric in ("dice", "nsd"):
-        out[metric] = [
-            _nanmean([r[metric][k] if k < len(r[metric]) else None for r in rows])
-            for k in range(num_clicks)
+        per_click = [
+            [r[metric][k] if k < len(r[metric]) else None for r in rows] for k in range(num_clicks)
         ]
-        out[f"{metric}_final"] = _nanmean([r[f"{metric}_final"] for r in rows])
+        final = [r[f"{metric}_final"] for r in rows]
+        out[metric] = [_nanmean(v) for v in per_click]
+        out[f"{metric}_std"] = [_nanstd(v) for v in per_click]
+        out[f"{metric}_final"] = _nanmean(final)
+        out[f"{metric}_final_std"] = _nanstd(final)
     return out
 
 
@@ -344,8 +356,9 @@ def build_summary(
       ["image_level_mean",] "failed", "warnings", "num_cases", "num_ok", "num_failed",
       "timings"}``;
       ``mean`` is keyed by class name (or id when the dataset names no classes) and holds
-      per-click lists plus final values; ``foreground_mean`` is the mean of the class means,
-      ``pooled_mean`` the mean over all (case, class) pairs.
+      per-click lists plus final values, each with its population std (``*_std``);
+      ``foreground_mean`` is the mean of the class means, ``pooled_mean`` the mean and std
+      over all (case, class) pairs (the original's ``compute_dataset_metrics`` "overall").
     """
     num_clicks = int(settings["num_clicks"])
     ok = [r for r in records if r.get("status") == "ok"]
@@ -876,13 +889,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     s = stats.summary
-    fg = s["foreground_mean"]
-    final = fg["dice_final"]
+    final = s["foreground_mean"]["dice_final"]
+    pooled, pooled_std = s["pooled_mean"]["dice_final"], s["pooled_mean"]["dice_final_std"]
     print(
         f"{s['num_ok']} case(s) ok, {s['num_failed']} failed "
         f"({len(stats.computed)} computed, {len(stats.skipped)} already done); "
-        f"foreground mean Dice after {s['settings']['num_clicks']} click(s): "
+        f"Dice after {s['settings']['num_clicks']} click(s): foreground mean (of class means) "
         + ("n/a" if final is None else f"{final:.4f}")
+        + ", over all (case, class) pairs "
+        + ("n/a" if pooled is None else f"{pooled:.4f} ± {pooled_std:.4f}")
         + f"; summary in {Path(args.out) / SUMMARY_FILE}"
     )
     return 0

@@ -106,6 +106,19 @@ def _check_outputs(out: Path, protocol: str, n_clicks: int, n_cases: int, predic
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert len(rows) == sum(len(r["classes"]) for r in summary["metric_per_case"])
     assert {f"dice_{n_clicks}", f"nsd_{n_clicks}", "dice_final"} <= set(rows[0])
+    # The original's "overall": mean and population std over every (case, class) value.
+    finals = [float(r["dice_final"]) for r in rows if r["status"] == "ok" and r["dice_final"]]
+    pooled = summary["pooled_mean"]
+    assert pooled["dice_final"] == pytest.approx(np.mean(finals), abs=1e-5)
+    assert pooled["dice_final_std"] == pytest.approx(np.std(finals), abs=1e-5)
+    for name, m in summary["mean"].items():
+        values = [
+            float(r["dice_final"])
+            for r in rows
+            if (r["class_name"] or r["class_id"]) == name and r["dice_final"]
+        ]
+        assert m["dice_final_std"] == pytest.approx(np.std(values), abs=1e-5)
+        assert len(m["dice_std"]) == n_clicks
     assert (out / "dice_vs_clicks.png").stat().st_size > 1000
     assert len(list((out / "cases").glob("*.json"))) == n_cases
     assert not list(out.rglob(".*"))  # no temporary files left
