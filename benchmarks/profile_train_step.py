@@ -177,6 +177,67 @@ def op_times(
     return collections.Counter(), collections.Counter()
 
 
+def build_target(
+    *,
+    target: str,
+    variant: str,
+    batch: int,
+    clicks: int,
+    attention: str,
+    click_loop: str,
+    dtype: str,
+    remat: bool = False,
+    gelu: str = "auto",
+) -> tuple[Any, Any, tuple]:
+    """``(jitted fn, state, inputs)`` of the program to profile: the training step (original
+    recipe, AdamW, ``fn(state, batch, key)``, state donated), the encoder's forward pass or
+    one click (prompt encoder, decoder, upsampling to full resolution) on random inputs."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sammed3d_jax import Sam3DConfig, build_sam3d
+    from sammed3d_jax.train.optim import OptimConfig, make_optimizer
+    from sammed3d_jax.train.step import TrainConfig, init_train_state, make_train_step
+
+    cfg = Sam3DConfig.from_variant(
+        variant, attention_impl=attention, remat=remat, gelu=gelu, dtype=dtype
+    )
+    model = build_sam3d(cfg)
+    s = cfg.img_size
+    rng = np.random.default_rng(0)
+    image = (rng.standard_normal((batch, s, s, s)) * 100 + 50).astype(np.float32)
+    label = np.zeros((batch, s, s, s), np.uint8)
+    label[:, s // 3 : 2 * s // 3, s // 4 : 3 * s // 4, s // 3 : 3 * s // 4] = 1
+    data = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
+    if target == "step":
+        tx = make_optimizer(model, OptimConfig())
+        graphdef, state = init_train_state(model, tx)
+        train_cfg = TrainConfig(num_clicks=clicks, click_loop=click_loop)
+        fn = jax.jit(make_train_step(graphdef, tx, train_cfg), donate_argnums=0)
+        return fn, state, (data, jax.random.key(0))
+
+    from sammed3d_jax.model.common import upsample_logits
+    from sammed3d_jax.model.sam import merge_flat, split_flat
+
+    flatdef, state = split_flat(model)
+    if target == "encoder":
+        return jax.jit(lambda st, x: merge_flat(flatdef, st).encode(x)), state, (data["image"],)
+
+    def click(st, emb, pts, labels, mask):  # one click on an embedding, to full resolution
+        out = merge_flat(flatdef, st).decode(emb, pts, labels, mask)
+        return upsample_logits(out.low_res_logits, s)
+
+    g, low = s // cfg.patch_size, cfg.low_res_size
+    inputs = (
+        jnp.asarray(rng.standard_normal((batch, g, g, g, cfg.prompt_embed_dim))),
+        jnp.asarray(rng.uniform(0, s - 1, (batch, 3, 3)), jnp.float32),
+        jnp.asarray(np.tile([1, 0, 1], (batch, 1)), jnp.int32),
+        jnp.asarray(rng.standard_normal((batch, low, low, low)), jnp.float32),
+    )
+    return jax.jit(click), state, inputs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
@@ -207,56 +268,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from sammed3d_jax import Sam3DConfig, build_sam3d
-    from sammed3d_jax.train.optim import OptimConfig, make_optimizer
-    from sammed3d_jax.train.step import TrainConfig, init_train_state, make_train_step
-
-    cfg = Sam3DConfig.from_variant(
-        args.variant,
-        attention_impl=args.attention,
+    fn, state, inputs = build_target(
+        target=args.target,
+        variant=args.variant,
+        batch=args.batch,
+        clicks=args.clicks,
+        attention=args.attention,
+        click_loop=args.click_loop,
+        dtype="bfloat16" if args.device == "gpu" else "float32",
         remat=args.remat,
         gelu=args.gelu,
-        dtype="bfloat16" if args.device == "gpu" else "float32",
     )
-    model = build_sam3d(cfg)
-    s = cfg.img_size
-    rng = np.random.default_rng(0)
-    image = (rng.standard_normal((args.batch, s, s, s)) * 100 + 50).astype(np.float32)
-    label = np.zeros((args.batch, s, s, s), np.uint8)
-    label[:, s // 3 : 2 * s // 3, s // 4 : 3 * s // 4, s // 3 : 3 * s // 4] = 1
-    batch = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
-    key = jax.random.key(0)
-    if args.target in ("encoder", "click"):
-        from sammed3d_jax.model.common import upsample_logits
-        from sammed3d_jax.model.sam import merge_flat, split_flat
-
-        flatdef, state = split_flat(model)
-        if args.target == "encoder":
-            fn = jax.jit(lambda st, x: merge_flat(flatdef, st).encode(x))
-            inputs: tuple = (batch["image"],)
-        else:  # one click on a precomputed embedding, upsampled to full resolution
-
-            def click(st, emb, pts, labels, mask):
-                out = merge_flat(flatdef, st).decode(emb, pts, labels, mask)
-                return upsample_logits(out.low_res_logits, s)
-
-            g, low = s // cfg.patch_size, cfg.low_res_size
-            fn = jax.jit(click)
-            inputs = (
-                jnp.asarray(rng.standard_normal((args.batch, g, g, g, cfg.prompt_embed_dim))),
-                jnp.asarray(rng.uniform(0, s - 1, (args.batch, 3, 3)), jnp.float32),
-                jnp.asarray(np.tile([1, 0, 1], (args.batch, 1)), jnp.int32),
-                jnp.asarray(rng.standard_normal((args.batch, low, low, low)), jnp.float32),
-            )
-    else:
-        tx = make_optimizer(model, OptimConfig())
-        graphdef, state = init_train_state(model, tx)
-        train_cfg = TrainConfig(num_clicks=args.clicks, click_loop=args.click_loop)
-        fn = jax.jit(make_train_step(graphdef, tx, train_cfg), donate_argnums=0)
-        inputs = (batch, key)
     compiled = fn.lower(state, *inputs).compile()
     if args.dump_hlo:
         Path(args.dump_hlo).write_text(compiled.as_text())
