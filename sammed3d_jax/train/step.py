@@ -395,7 +395,7 @@ def make_train_step(
         # The norms read the new parameters and the updates as computed: fused into their
         # reductions, both would be recomputed from the old parameters after the in-place
         # (donated) update has overwritten them, and XLA then copies every parameter first
-        # (323 copies per step in the GPU program).
+        # (a copy of every parameter per step in the GPU program).
         params, updates = jax.lax.optimization_barrier((params, updates))
         metrics = {
             "loss": loss,
