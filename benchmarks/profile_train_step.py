@@ -218,9 +218,9 @@ def build_target(
         return fn, state, (data, jax.random.key(0))
 
     from sammed3d_jax.model.common import upsample_logits
-    from sammed3d_jax.model.sam import merge_flat, split_flat
+    from sammed3d_jax.model.sam import compute_dtype_weights, merge_flat, split_flat
 
-    flatdef, state = split_flat(model)
+    flatdef, state = split_flat(compute_dtype_weights(model))  # as the inference engine
     if target == "encoder":
         return jax.jit(lambda st, x: merge_flat(flatdef, st).encode(x)), state, (data["image"],)
 

@@ -139,13 +139,14 @@ def variant_key(variant: str) -> str:
 def encoder_variants(ours, variants: list[str]) -> dict[str, Any]:
     """The same weights under each variant ('cudnn', 'cudnn+tanh', ...), as `split_flat`
     pairs."""
-    from sammed3d_jax.model.sam import split_flat
+    from sammed3d_jax.model.sam import compute_dtype_weights, split_flat
 
     out = {}
     for variant in variants:
         changes, _ = parse_variant(variant)
         same = all(getattr(ours.config, k) == v for k, v in changes.items())
-        out[variant] = split_flat(ours if same else with_config(ours, **changes))
+        model = ours if same else with_config(ours, **changes)
+        out[variant] = split_flat(compute_dtype_weights(model))  # as the inference engine
     return out
 
 
@@ -271,9 +272,9 @@ def bench_click(ours, ref, repeats, gpu) -> dict[str, float]:
     import torch.nn.functional as F
 
     from sammed3d_jax.model.common import upsample_logits
-    from sammed3d_jax.model.sam import merge_flat, split_flat
+    from sammed3d_jax.model.sam import compute_dtype_weights, merge_flat, split_flat
 
-    flatdef, state = split_flat(ours)
+    flatdef, state = split_flat(compute_dtype_weights(ours))  # as the inference engine
 
     @jax.jit
     def click(state, emb, pts, lab, mask):

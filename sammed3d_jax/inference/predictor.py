@@ -67,7 +67,7 @@ from sammed3d_jax.data.geometry import (
 from sammed3d_jax.data.nifti import Volume, VolumeError, load_volume
 from sammed3d_jax.inference.tiling import TilingResult, crop_start_for_points, tiled_segmentation
 from sammed3d_jax.model.common import upsample_logits
-from sammed3d_jax.model.sam import FlatDef, Sam3D, merge_flat, split_flat
+from sammed3d_jax.model.sam import FlatDef, Sam3D, compute_dtype_weights, merge_flat, split_flat
 
 __all__ = [
     "MIN_POINT_BUCKET",
@@ -180,8 +180,9 @@ class SamEngine:
             raise TypeError(f"expected a Sam3D model, got {type(model).__name__}")
         self.model = model
         self.config = model.config
-        # Weights as a flat list: the cheapest argument for a jitted call (see split_flat).
-        self._flatdef, self._leaves = split_flat(model)
+        # Weights as a flat list: the cheapest argument for a jitted call (see split_flat),
+        # in the dtype the layers compute in (cast once here rather than in every call).
+        self._flatdef, self._leaves = split_flat(compute_dtype_weights(model))
         self.crop_size = int(self.config.img_size)
         self.low_res_size = int(self.config.low_res_size)
         self.encode_calls = 0

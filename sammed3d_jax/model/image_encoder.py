@@ -185,14 +185,16 @@ class Attention(nnx.Module):
         qkv = qkv.transpose(4, 0, 5, 1, 2, 3, 6)
         return qkv[0], qkv[1], qkv[2]
 
-    def _bias_parts(self) -> tuple[Array, Array]:
-        """q and k parts of the qkv bias, (K, E) each (what every zero token projects to)."""
-        dim = self.num_heads * self.head_dim
+    def _bias_parts(self) -> tuple[Array, Array, Array]:
+        """q, k and v parts of the qkv bias, (K, E) each, float32: what every zero (padding)
+        token projects to."""
         if not self.qkv.use_bias:
             z = jnp.zeros((self.num_heads, self.head_dim), F32)
             return z, z, z
-        bias = self.qkv.bias[...].astype(F32).reshape(3, self.num_heads, self.head_dim)
-        del dim
+        # Rounded to the compute dtype first: the matmul adds the bias in that dtype, so a
+        # zero token's projection is the rounded bias (bfloat16 in a bfloat16 model).
+        bias = self.qkv.bias[...].astype(self.dtype).astype(F32)
+        bias = bias.reshape(3, self.num_heads, self.head_dim)
         return bias[0], bias[1], bias[2]
 
     def _rel_terms(self, q: Array, extent: int) -> RelPosTerms:

@@ -281,3 +281,32 @@ def merge_flat(flatdef: FlatDef, leaves: list[Array]) -> Any:
     """Inverse of `split_flat`."""
     state = jax.tree_util.tree_unflatten(flatdef.treedef, leaves)
     return nnx.merge(flatdef.graphdef, state)
+
+
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def compute_dtype_weights(module: nnx.Module) -> nnx.Module:
+    """A copy of ``module`` whose linear and convolution weights are stored in the dtype
+    every call casts them to (bfloat16 or float16 models); a float32 model as it is.
+
+    For inference: each call of a half-precision model otherwise casts every kernel and
+    bias again, one kernel per weight on a GPU (124 of the 390 kernels of the ``vit_b_ori``
+    encoder at batch 1), though the cast values never change. The results are bitwise
+    the same. Not for training, where the optimizer updates float32 weights.
+    """
+    from sammed3d_jax.model.common import ConvTranspose3dK2
+
+    layers = (nnx.Linear, nnx.Conv, ConvTranspose3dK2)
+    if not any(
+        isinstance(m, layers) and jnp.dtype(m.dtype) in _HALF for _, m in nnx.iter_modules(module)
+    ):
+        return module
+    out = nnx.clone(module)
+    for _, m in nnx.iter_modules(out):
+        if isinstance(m, layers) and jnp.dtype(m.dtype) in _HALF:
+            for name in ("kernel", "bias"):
+                var = getattr(m, name, None)
+                if isinstance(var, nnx.Variable):
+                    var.set_value(var.get_value().astype(m.dtype))
+    return out
