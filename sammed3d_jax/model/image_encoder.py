@@ -208,21 +208,20 @@ class Attention(nnx.Module):
         gathers of the rows each (query, key) pair needs: one small GEMM instead of three
         batched ones over transposed copies of q.
         """
-        b, k, nd, nh, nw, _ = q.shape
+        b, k, nd, nh, nw, e = q.shape
         s = self.input_size
         r = 2 * s - 1
         tables = jnp.concatenate(
             [self.rel_pos_d[...], self.rel_pos_h[...], self.rel_pos_w[...]], axis=0
         ).astype(F32)
-        qt = jnp.einsum("bkijle,re->bkijlr", q.astype(F32), tables)  # (B, K, nd, nh, nw, 3r)
-        qt_d, qt_h, qt_w = qt[..., :r], qt[..., r : 2 * r], qt[..., 2 * r :]
-        if extent > nw:  # padded query positions along w project the q bias
-            bias_t = jnp.einsum("ke,re->kr", self._bias_parts()[0], tables[r:])
+        q = q.astype(F32)
+        if extent > nw:  # padded query positions along w are zero tokens: their q is the bias
             pad = jnp.broadcast_to(
-                bias_t[None, :, None, None, None, :], (b, k, nd, nh, extent - nw, 2 * r)
+                self._bias_parts()[0][None, :, None, None, None, :], (b, k, nd, nh, extent - nw, e)
             )
-            qt_hw = jnp.concatenate([jnp.concatenate([qt_h, qt_w], axis=-1), pad], axis=4)
-            qt_h, qt_w = qt_hw[..., :r], qt_hw[..., r:]
+            q = jnp.concatenate([q, pad], axis=4)
+        qt = jnp.einsum("bkijle,re->bkijlr", q, tables)  # (B, K, nd, nh, extent, 3r)
+        qt_d, qt_h, qt_w = qt[..., :nw, :r], qt[..., r : 2 * r], qt[..., 2 * r :]
         x = np.arange(extent)
         # a[.., i, j, l, x] = q(i,j,l).T_d[i - x + s - 1]
         idx_d = (np.arange(nd)[:, None] - x[None, :] + s - 1)[:, None, None, :]
