@@ -135,6 +135,20 @@ def test_resume_on_fewer_devices(tmp_path, devices):
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Its weights load for inference on one device (host arrays, not the saved sharding).
+    load = (
+        "import sys; from sammed3d_jax.checkpoint import load_model; "
+        "m = load_model(sys.argv[1]); print(m.image_encoder.blocks[0].attn.qkv.kernel[...].shape)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", load, str(work)],
+        cwd=REPO,
+        env=env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run(
         cmd(work, 3, "--config.mesh.data=1", "--config.mesh.fsdp=1"),
         cwd=REPO,
