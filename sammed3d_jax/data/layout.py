@@ -51,6 +51,8 @@ class Case:
       class_names: label value → class name; empty when the dataset does not name them.
       dataset: the dataset folder's name.
       split: ``"Tr"``, ``"Ts"``, ``"Va"`` or ``"Val"``, from the ``images<split>`` folder.
+      class_regions: region name → the label values it unites (nnU-Net v2 region entries
+        such as KiTS23's ``"kidney": [1, 2, 3]``); empty when there are none.
     """
 
     case_id: str
@@ -59,6 +61,7 @@ class Case:
     class_names: dict[int, str]
     dataset: str
     split: str
+    class_regions: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +96,14 @@ def _is_dataset_dir(folder: Path) -> bool:
     return bool(_split_dirs(folder, "images") or _split_dirs(folder, "labels"))
 
 
-def _read_dataset_json(folder: Path, problems: list[str]) -> tuple[dict[int, str], str]:
-    """Class names (id → name, background dropped) and file ending from ``dataset.json``."""
+def _read_dataset_json(
+    folder: Path, problems: list[str]
+) -> tuple[dict[int, str], dict[str, tuple[int, ...]], str]:
+    """Class names (id → name, background dropped), regions (name → ids) and file ending
+    from ``dataset.json``."""
     path = folder / "dataset.json"
     if not path.is_file():
-        return {}, _DEFAULT_ENDING
+        return {}, {}, _DEFAULT_ENDING
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -108,6 +114,7 @@ def _read_dataset_json(folder: Path, problems: list[str]) -> tuple[dict[int, str
     if not isinstance(ending, str) or not ending.startswith("."):
         raise LayoutError(f"{path}: invalid file_ending {ending!r}")
     names: dict[int, str] = {}
+    regions: dict[str, tuple[int, ...]] = {}
     labels = meta.get("labels", {})
     if not isinstance(labels, dict):
         raise LayoutError(f"{path}: 'labels' must be an object")
@@ -120,9 +127,25 @@ def _read_dataset_json(folder: Path, problems: list[str]) -> tuple[dict[int, str
         elif isinstance(value, str) and str(key).isdigit():  # nnU-Net v1: "id" -> name
             if int(key) != 0:
                 names[int(key)] = value
-        else:  # region-based entries ("whole_tumor": [1, 2, 3]) name no single id
-            problems.append(f"{path}: label {key!r} -> {value!r} is not a single id; ignored")
-    return dict(sorted(names.items())), ending
+        elif (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        ):  # nnU-Net v2 region: the union of these label values ("kidney": [1, 2, 3])
+            regions[str(key)] = tuple(sorted(set(value)))
+        else:
+            problems.append(
+                f"{path}: label {key!r} -> {value!r} is neither an id nor a list of "
+                "positive ids; ignored"
+            )
+    # A one-value region is that value's class (nnU-Net writes "tumor": [2] or "tumor": 2).
+    for key, ids in list(regions.items()):
+        if len(ids) == 1 and ids[0] not in names:
+            names[ids[0]] = key
+            del regions[key]
+        elif len(ids) == 1:
+            del regions[key]
+    return dict(sorted(names.items())), regions, ending
 
 
 def _stems(folder: Path, ending: str) -> dict[str, Path]:
@@ -203,13 +226,15 @@ def _pair_split(
 def _scan_nnunet_dataset(
     dataset_dir: Path, require_labels: bool, problems: list[str]
 ) -> list[Case]:
-    class_names, ending = _read_dataset_json(dataset_dir, problems)
+    class_names, regions, ending = _read_dataset_json(dataset_dir, problems)
     splits = set(_split_dirs(dataset_dir, "images")) | set(_split_dirs(dataset_dir, "labels"))
     cases: list[Case] = []
     for split in sorted(splits):
         cases += _pair_split(
             dataset_dir, split, ending, class_names, dataset_dir.name, require_labels, problems
         )
+    if regions:
+        cases = [dataclasses.replace(c, class_regions=dict(regions)) for c in cases]
     return cases
 
 

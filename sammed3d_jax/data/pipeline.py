@@ -59,7 +59,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -73,6 +73,7 @@ from sammed3d_jax.data.transforms import (
     augment_transforms,
     is_ct_name,
     prepare_transforms,
+    region_match,
     to_example,
     zero_example,
 )
@@ -106,7 +107,7 @@ INDEX_FORMAT = "sammed3d_jax.item_index"
 INDEX_VERSION = 1
 _INDEX_PREFIX = ".sammed3d_jax_index"
 
-Match = Literal["equal", "nonzero"]
+Match = str  # "equal", "nonzero" or "any:<ids>" (a region class)
 
 
 # --------------------------------------------------------------------------------------
@@ -245,9 +246,11 @@ class Item:
       index: position in the index (= record index in shards).
       case_id, dataset, split: from the dataset layout.
       image, label: file paths, relative to the index root (POSIX separators).
-      class_id: label value of the class (1 for SAM-Med3D binary labels).
+      class_id: label value of the class (1 for SAM-Med3D binary labels; a region's
+        smallest value).
       class_name: the class's name (``str(class_id)`` when the dataset names none).
-      match: ``"equal"`` (``label == class_id``) or ``"nonzero"`` (SAM-Med3D binary files).
+      match: ``"equal"`` (``label == class_id``), ``"nonzero"`` (SAM-Med3D binary files) or
+        ``"any:1,2,3"`` (an nnU-Net region: the label values united).
       ct: the dataset or modality is CT (drives the ``"auto"`` clamp).
       volume_mm3: foreground volume in the original file.
       crop_voxels: foreground voxels inside the training crop.
@@ -426,8 +429,16 @@ def _analyse_case_unchecked(job: _CaseJob) -> _CaseResult:
     if not present:
         return _CaseResult([], f"empty label: {case.label_path} has no foreground", dropped)
     names = dict(case.class_names)
-    if job.layout != "sammed3d" and names:
-        unnamed = [v for v in present if v not in names]
+    # Region classes (nnU-Net v2 entries such as "kidney": [1, 2, 3]) with foreground here.
+    regions = {
+        name: tuple(v for v in ids if v in present)
+        for name, ids in case.class_regions.items()
+        if job.layout != "sammed3d"
+    }
+    regions = {name: ids for name, ids in regions.items() if ids}
+    if job.layout != "sammed3d" and (names or regions):
+        covered = {v for ids in regions.values() for v in ids}
+        unnamed = [v for v in present if v not in names and v not in covered]
         if unnamed:
             dropped["label value not in dataset.json"] += len(unnamed)
         present = [v for v in present if v in names]
@@ -435,14 +446,18 @@ def _analyse_case_unchecked(job: _CaseJob) -> _CaseResult:
     if classes is not None:
         wanted = {str(c) for c in classes}
         present = [v for v in present if str(v) in wanted or names.get(v, str(v)) in wanted]
+        regions = {name: ids for name, ids in regions.items() if name in wanted}
     voxel_mm3 = float(np.prod(label.spacing))
+    # (values, name, match): one label value, or a region's values united.
     targets = []
-    for v in present:
-        volume = float(counts[v]) * voxel_mm3
+    kinds = [((v,), names.get(v, str(v)), match) for v in present]
+    kinds += [(ids, name, region_match(case.class_regions[name])) for name, ids in regions.items()]
+    for ids, name, how in kinds:
+        volume = float(sum(int(counts[v]) for v in ids)) * voxel_mm3
         if volume < p["min_volume_mm3"]:
             dropped["volume below min_volume_mm3"] += 1
         else:
-            targets.append((v, volume))
+            targets.append((ids, name, how, volume))
     if not targets:
         return _CaseResult([], "", dropped)
     # The label on the training grid: nearest resampling copies values, so one pass serves
@@ -455,19 +470,20 @@ def _analyse_case_unchecked(job: _CaseJob) -> _CaseResult:
     objects = ndimage.find_objects(grid_lab)
     size = np.full(3, int(p["crop_size"]), dtype=np.int64)
     items = []
-    for v, volume in targets:
-        box = objects[v - 1] if v - 1 < len(objects) else None
-        if box is None:
+    for ids, name, how, volume in targets:
+        boxes = [objects[v - 1] for v in ids if v - 1 < len(objects) and objects[v - 1]]
+        if not boxes:
             dropped["class vanished after resampling"] += 1
             continue
-        lo = np.array([s.start for s in box], dtype=np.int64)
-        hi = np.array([s.stop for s in box], dtype=np.int64)
+        # The (union's) bounding box, as the original's crop around the binary label.
+        lo = np.array([min(b[a].start for b in boxes) for a in range(3)], dtype=np.int64)
+        hi = np.array([max(b[a].stop for b in boxes) for a in range(3)], dtype=np.int64)
         start = (lo + hi - size) // 2  # crop_start_from_mask
         window = tuple(
             slice(max(0, int(a)), min(n, int(a + s)))
             for a, s, n in zip(start, size, grid_lab.shape)
         )
-        in_crop = int(np.count_nonzero(grid_lab[window] == v))
+        in_crop = int(np.count_nonzero(np.isin(grid_lab[window], ids)))
         if in_crop < p["min_crop_voxels"]:
             dropped["crop below min_crop_voxels"] += 1
             continue
@@ -478,9 +494,9 @@ def _analyse_case_unchecked(job: _CaseJob) -> _CaseResult:
                 "split": case.split,
                 "image": _rel(case.image_path, job.root),
                 "label": _rel(case.label_path, job.root),
-                "class_id": int(v),
-                "class_name": names.get(v, str(v)),
-                "match": match,
+                "class_id": int(ids[0]),
+                "class_name": name,
+                "match": how,
                 "ct": bool(job.ct),
                 "volume_mm3": volume,
                 "crop_voxels": in_crop,

@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 Sample = dict[str, Any]
-Match = Literal["equal", "nonzero"]
+Match = str  # "equal", "nonzero" or "any:<ids>" (a region, see region_match)
 ClampMode = Literal["auto", "always", "never"]
 
 CT_RANGE = (-1000.0, 1000.0)
@@ -124,14 +124,33 @@ class Compose:
 # --------------------------------------------------------------------------------------
 
 
+def region_match(ids: Sequence[int]) -> str:
+    """The ``match`` of a region class: the union of the label values ``ids``."""
+    return "any:" + ",".join(str(int(v)) for v in sorted(set(ids)))
+
+
+def region_ids(match: str) -> tuple[int, ...]:
+    """Label values of a region ``match`` (``"any:1,2,3"``); ValueError for anything else."""
+    try:
+        if not match.startswith("any:"):
+            raise ValueError
+        ids = tuple(int(v) for v in match[4:].split(","))
+    except (ValueError, AttributeError):
+        raise ValueError(
+            f"match must be 'equal', 'nonzero' or 'any:<ids>', got {match!r}"
+        ) from None
+    return ids
+
+
 def binarize_label(label: np.ndarray, class_id: int, match: Match = "equal") -> np.ndarray:
-    """uint8 ``label == class_id`` (``match="equal"``) or ``label != 0`` (``"nonzero"``)."""
+    """uint8 ``label == class_id`` (``match="equal"``), ``label != 0`` (``"nonzero"``) or
+    ``label`` in a region's values (``"any:1,2,3"``, see :func:`region_match`)."""
     label = np.asarray(label)
     if match == "equal":
         return (label == class_id).astype(np.uint8)
     if match == "nonzero":
         return (label != 0).astype(np.uint8)
-    raise ValueError(f"match must be 'equal' or 'nonzero', got {match!r}")
+    return np.isin(label, region_ids(match)).astype(np.uint8)
 
 
 def is_ct_name(name: str) -> bool:

@@ -98,7 +98,8 @@ def test_nnunet_file_ending_channels_and_v1_labels(tmp_path: Path) -> None:
 
 
 def test_nnunet_region_labels_and_several_datasets(tmp_path: Path) -> None:
-    ds = _nnunet(tmp_path, labels={"background": 0, "edema": 1, "whole": [1, 2]})
+    labels = {"background": 0, "edema": 1, "whole": [2, 1], "core": [3], "bad": [0, "x"]}
+    ds = _nnunet(tmp_path, labels=labels)
     _touch(ds, "imagesTr/x_0000.nii.gz", "labelsTr/x.nii.gz")
     other = tmp_path / "Dataset007_Other"
     _touch(other, "imagesTr/y.nii.gz", "labelsTr/y.nii.gz")  # no dataset.json
@@ -108,8 +109,11 @@ def test_nnunet_region_labels_and_several_datasets(tmp_path: Path) -> None:
         ("Dataset042_Abdomen", "x"),
     ]
     assert found.cases[0].class_names == {}
-    assert found.cases[1].class_names == {1: "edema"}
-    assert any("whole" in w for w in found.warnings)
+    assert found.cases[1].class_names == {1: "edema", 3: "core"}  # a one-value region: an id
+    assert found.cases[1].class_regions == {"whole": (1, 2)}
+    assert found.cases[0].class_regions == {}
+    assert any("'bad'" in w and "ignored" in w for w in found.warnings)
+    assert not any("whole" in w for w in found.warnings)
 
 
 def test_sammed3d_layout(tmp_path: Path) -> None:

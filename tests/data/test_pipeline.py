@@ -146,6 +146,40 @@ def test_index_thresholds_and_skips(tmp_path: Path) -> None:
     assert {i.class_id for i in P.load_index(_cfg(ds, classes=(1,))).items} == {1}
 
 
+def test_region_classes_unite_label_values(tmp_path: Path) -> None:
+    """nnU-Net v2 regions ("kidney": [1, 2, 3], as KiTS23's dataset.json) are classes whose
+    target is the union of their values, cropped around the union, from files and shards."""
+    from sammed3d_jax.data.records import ShardSource, write_shards
+
+    ds = tmp_path / "Dataset220_KiTS2023"
+    ds.mkdir()
+    labels = {"background": 0, "kidney": [1, 2, 3], "masses": [2, 3], "tumor": 2}
+    (ds / "dataset.json").write_text(json.dumps({"labels": labels, "channel_names": {"0": "CT"}}))
+    rng = np.random.default_rng(1)
+    label = np.zeros(SHAPE, np.uint8)
+    label[4:14, 4:14, 4:12] = 1  # kidney
+    label[6:10, 6:10, 5:9] = 2  # tumour inside it
+    label[12:16, 12:16, 10:14] = 3  # cyst at its edge, partly outside the kidney
+    _save(ds / "imagesTr" / "case_00000_0000.nii.gz", rng.integers(-999, 999, SHAPE, np.int16))
+    _save(ds / "labelsTr" / "case_00000.nii.gz", label)
+    cfg = _cfg(ds, min_crop_voxels=10, min_volume_mm3=0.0)
+    index = P.load_index(cfg)
+    got = {(i.class_name, i.class_id, i.match) for i in index.items}
+    assert got == {("tumor", 2, "equal"), ("kidney", 1, "any:1,2,3"), ("masses", 2, "any:2,3")}
+    assert "label value not in dataset.json" not in index.dropped  # 1 and 3 lie in regions
+    kidney = next(i for i in index.items if i.class_name == "kidney")
+    assert kidney.volume_mm3 == pytest.approx(np.count_nonzero(label) * 1.5**3)
+    prep = prepare_transforms(CROP, root=index.root)
+    assert prep(kidney.to_sample())["label"].sum() == kidney.crop_voxels
+    # The same samples from prepared shards.
+    out = tmp_path / "shards"
+    write_shards(cfg, out)
+    shard = ShardSource(out)
+    for i, item in enumerate(index.items):
+        np.testing.assert_array_equal(shard[i]["label"], prep(item.to_sample())["label"])
+    assert {i.class_name for i in P.load_index(_cfg(ds, classes=("kidney",))).items} == {"kidney"}
+
+
 def test_index_is_stored_reused_and_rebuilt(dataset: Path, monkeypatch) -> None:
     calls = []
     real = P._analyse_case
