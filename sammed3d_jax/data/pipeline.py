@@ -104,7 +104,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "sammed3d_jax.item_index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: nnU-Net v2 region entries are classes
 _INDEX_PREFIX = ".sammed3d_jax_index"
 
 Match = str  # "equal", "nonzero" or "any:<ids>" (a region class)
