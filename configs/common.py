@@ -143,7 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.total_steps = 200_000  # train-step calls (micro-batches)
     c.log_every = 50
-    c.eval_every = 5_000
+    c.eval_every = 5_000  # 0: no in-training evaluation (val.* kept)
     c.checkpoint_every = 1_000
     c.keep_checkpoints = 3
     c.async_checkpointing = True

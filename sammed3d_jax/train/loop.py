@@ -214,7 +214,7 @@ class Evaluator:
 
     def __init__(self, config, graphdef, mesh, rules, crop_size: int, state_shardings):
         v = config.val
-        self.enabled = bool(v.root or v.records)
+        self.enabled = bool(v.root or v.records) and int(config.eval_every) > 0
         if not self.enabled:
             return
         self.clicks = tuple(int(c) for c in v.clicks)
@@ -343,8 +343,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Reject values the loop cannot run with, naming the option (ValueError)."""
     for name in ("total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         value = config[name]
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        least = 0 if name == "eval_every" else 1  # eval_every = 0: no in-training evaluation
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     paths = {
         "data.root": config.data.root,
         "data.records": config.data.records,

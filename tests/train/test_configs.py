@@ -105,7 +105,8 @@ def test_multistep_milestones_beyond_the_run_are_named(caplog):
     ("override", "message"),
     [
         ({"log_every": 0}, "log_every"),
-        ({"eval_every": 0}, "eval_every"),
+        ({"eval_every": -1}, "eval_every"),
+        ({"total_steps": True}, "total_steps"),
         ({"keep_checkpoints": 0}, "keep_checkpoints"),
         ({"checkpoint_every": -1}, "checkpoint_every"),
     ],
@@ -115,6 +116,14 @@ def test_bad_loop_values_are_named(override, message):
     config.update(override)
     with pytest.raises(ValueError, match=message):
         loop.check_config(config)
+
+
+def test_eval_every_zero_turns_in_training_evaluation_off():
+    config = cpu_demo.get_config()
+    assert config.val.root and config.eval_every > 0
+    config.eval_every = 0
+    loop.check_config(config)  # accepted
+    assert not loop.Evaluator(config, None, None, None, 128, None).enabled
 
 
 def test_config_arguments_are_typed_and_bad_ones_named():
