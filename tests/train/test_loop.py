@@ -52,10 +52,9 @@ def losses(workdir: Path) -> dict[int, float]:
 
 
 def params_at(workdir: Path, step: int) -> dict[str, np.ndarray]:
-    import orbax.checkpoint as ocp
+    from sammed3d_jax.checkpoint import _restore_model_parts
 
-    path = workdir / "checkpoints" / str(step) / "state"
-    tree = ocp.PyTreeCheckpointer().restore(path)
+    tree = _restore_model_parts(workdir / "checkpoints" / str(step) / "state")
     flat = {}
 
     def walk(node, prefix):
