@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from sammed3d_jax import Sam3DConfig
+from sammed3d_jax.model import image_encoder
 from sammed3d_jax.model.image_encoder import (
     Attention,
     take_rows,
@@ -25,6 +26,13 @@ from sammed3d_jax.model.image_encoder import (
     windowed_attention_exact,
 )
 from tests.conftest import randomize_params
+
+
+@pytest.fixture(params=["reduce", "unrolled"])
+def lse_form(request, monkeypatch):
+    """Both forms of the closed form's log-sum-exps (reductions on CPU, unrolled on GPU)."""
+    monkeypatch.setattr(image_encoder, "unrolled_logsumexp", lambda: request.param == "unrolled")
+    return request.param
 
 
 def random_attention(cfg: Sam3DConfig, side: int, seed: int) -> Attention:
@@ -49,7 +57,7 @@ def padded_reference(attn: Attention, x: jax.Array, window: int) -> jax.Array:
     ],
 )
 @pytest.mark.parametrize("qkv_bias", [True, False])
-def test_exact_equals_padded(grid, window, qkv_bias):
+def test_exact_equals_padded(grid, window, qkv_bias, lse_form):
     cfg = Sam3DConfig.from_variant(
         "tiny", encoder_embed_dim=24, encoder_num_heads=2, window_size=window, qkv_bias=qkv_bias
     )
@@ -59,11 +67,39 @@ def test_exact_equals_padded(grid, window, qkv_bias):
     )
     with jax.default_matmul_precision("highest"):
         reference = padded_reference(attn, x, window)
-        exact = jax.jit(windowed_attention_exact, static_argnums=2)(attn, x, window)
+        # A new function per call: the log-sum-exp form is chosen when tracing.
+        exact = jax.jit(lambda a, x: windowed_attention_exact(a, x, window))(attn, x)
     np.testing.assert_allclose(np.asarray(exact), np.asarray(reference), rtol=2e-5, atol=2e-5)
 
 
-def test_exact_handles_peaked_relative_positions():
+@pytest.mark.parametrize("grid, window", [(8, 14), (6, 4)])
+def test_closed_form_gradients_agree_in_both_forms(grid, window, monkeypatch):
+    cfg = Sam3DConfig.from_variant(
+        "tiny", encoder_embed_dim=24, encoder_num_heads=2, window_size=window
+    )
+    attn = random_attention(cfg, window, seed=11)
+    x = jnp.asarray(
+        np.random.default_rng(5).standard_normal((1, grid, grid, grid, 24)), jnp.float32
+    )
+    graphdef, params, rest = nnx.split(attn, nnx.Param, ...)
+
+    def loss(p, x):
+        out = windowed_attention_exact(nnx.merge(graphdef, p, rest), x, window)
+        return jnp.sum(jnp.sin(out))
+
+    grads = {}
+    for form in ("reduce", "unrolled"):
+        monkeypatch.setattr(image_encoder, "unrolled_logsumexp", lambda f=form: f == "unrolled")
+        with jax.default_matmul_precision("highest"):
+            grads[form] = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    for a, b in zip(
+        jax.tree.leaves(grads["reduce"]), jax.tree.leaves(grads["unrolled"]), strict=True
+    ):
+        scale = float(jnp.abs(a).max()) or 1.0
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5 * scale)
+
+
+def test_exact_handles_peaked_relative_positions(lse_form):
     """Large relative-position logits: the log-space closed form must not over/underflow."""
     cfg = Sam3DConfig.from_variant(
         "tiny", encoder_embed_dim=24, encoder_num_heads=2, window_size=14
@@ -75,7 +111,7 @@ def test_exact_handles_peaked_relative_positions():
     x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 8, 8, 8, 24)) * 3, jnp.float32)
     with jax.default_matmul_precision("highest"):
         reference = padded_reference(attn, x, 14)
-        exact = jax.jit(windowed_attention_exact, static_argnums=2)(attn, x, 14)
+        exact = jax.jit(lambda a, x: windowed_attention_exact(a, x, 14))(attn, x)
     assert np.isfinite(np.asarray(exact)).all()
     scale = np.abs(np.asarray(reference)).max()
     assert np.abs(np.asarray(exact) - np.asarray(reference)).max() <= 1e-4 * scale
