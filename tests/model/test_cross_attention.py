@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sammed3d_jax.model import transformer
 from sammed3d_jax.model.transformer import DownscaleAttention
 
 
@@ -29,7 +30,9 @@ def _inputs(tq: int, tk: int, seed: int = 1):
 
 @pytest.mark.parametrize("tq,tk", [(3, 40), (40, 3)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_regrouped_paths_equal_the_projected_one(tq, tk, masked):
+@pytest.mark.parametrize("blocks", [False, True])  # per-head products (CPU) / blocks (GPU)
+def test_regrouped_paths_equal_the_projected_one(tq, tk, masked, blocks, monkeypatch):
+    monkeypatch.setattr(transformer, "heads_as_blocks", lambda: blocks)
     attn = _attention()
     q, k, v = _inputs(tq, tk)
     mask = None

@@ -71,14 +71,16 @@ def test_single_mask_pass_does_not_touch_the_other_hypernetworks(split_model):
 
 @pytest.mark.parametrize("with_mask, n_points", [(True, 1), (False, 1), (True, 4)])
 def test_filler_tokens_change_nothing(split_model, monkeypatch, with_mask, n_points):
-    """GPUs pad the decoder's tokens to a multiple of 8 with masked fillers: the masks, the
-    IoU, the returned tokens and the gradients are those of the unpadded decode."""
-    from sammed3d_jax.model import mask_decoder
+    """GPUs pad the decoder's tokens to a multiple of 8 with masked fillers (and map the
+    cross-attention's heads through block-diagonal matrices): the masks, the IoU, the
+    returned tokens and the gradients are those of the unpadded decode."""
+    from sammed3d_jax.model import mask_decoder, transformer
 
     graphdef, state = split_model
 
     def run(multiple):
         monkeypatch.setattr(mask_decoder, "token_multiple", lambda: multiple)
+        monkeypatch.setattr(transformer, "heads_as_blocks", lambda: multiple > 1)
 
         def loss(state):
             m = nnx.merge(graphdef, state)
