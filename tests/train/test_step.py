@@ -240,6 +240,43 @@ def test_unrolled_click_loop_matches_scan(model):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=1e-4 * scale)
 
 
+def test_gpu_forms_give_the_same_loss_and_gradients(monkeypatch):
+    """The forms chosen on GPUs only (unrolled log-sum-exps in the padded keys' closed form,
+    decoder tokens padded with masked fillers, block-diagonal head maps in the decoder's
+    cross-attention), all switched on here on the CPU: the step's loss, metrics and
+    gradients are those of the CPU forms."""
+    import sammed3d_jax.model.image_encoder as image_encoder
+    import sammed3d_jax.model.mask_decoder as mask_decoder
+    import sammed3d_jax.model.transformer as transformer
+    from tests.conftest import randomize_params
+
+    # Two decoder heads: the cross-attention takes its few-token paths (2 heads x 8 tokens
+    # < 24 channels); every parameter random, biases included.
+    gpu_model = randomize_params(
+        abstract_sam3d(Sam3DConfig.from_variant("tiny", decoder_num_heads=2)), seed=5, scale=0.2
+    )
+    graphdef, params, rest = nnx.split(gpu_model, nnx.Param, ...)
+    batch = sphere_batch(batch=2)
+    cfg = TrainConfig(num_clicks=3, no_point_low=1, no_point_high=1)
+    results = []
+    for gpu in (False, True):
+        monkeypatch.setattr(image_encoder, "unrolled_logsumexp", lambda g=gpu: g)
+        monkeypatch.setattr(mask_decoder, "token_multiple", lambda g=gpu: 8 if g else 1)
+        monkeypatch.setattr(transformer, "heads_as_blocks", lambda g=gpu: g)
+        fn = jax.jit(
+            jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True), compiler_options=FAST
+        )
+        results.append(fn(params, rest, batch, jax.random.key(2)))
+    ((l0, a0), g0), ((l1, a1), g1) = results
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    for k in a0:
+        np.testing.assert_allclose(float(a1[k]), float(a0[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    floor = 1e-3 * max(float(np.max(np.abs(x))) for x in jax.tree.leaves(g0))
+    for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        scale = max(float(np.max(np.abs(x))), floor)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=1e-4 * scale)
+
+
 def test_gradients_equal_plain_autodiff(model, monkeypatch):
     """The hand-written backward passes (GELU, upsampling, relative-position gathers) and the
     rematerialised loss and upscaling give the gradients of plain automatic differentiation."""
