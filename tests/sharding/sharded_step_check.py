@@ -8,6 +8,7 @@ parameters and optimizer moments left replicated under each mesh.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -32,6 +33,29 @@ from sammed3d_jax.train.step import (  # noqa: E402
 MESHES = {"8,1,1": (8, 1, 1), "2,4,1": (2, 4, 1), "2,2,2": (2, 2, 2), "1,8,1": (1, 8, 1)}
 
 
+@contextlib.contextmanager
+def gpu_forms():
+    """The model's GPU-only forms switched on (whatever the backend)."""
+    from sammed3d_jax.model import image_encoder, mask_decoder, transformer
+
+    saved = (
+        image_encoder.unrolled_logsumexp,
+        mask_decoder.token_multiple,
+        transformer.heads_as_blocks,
+    )
+    image_encoder.unrolled_logsumexp = lambda: True
+    mask_decoder.token_multiple = lambda: 8
+    transformer.heads_as_blocks = lambda: True
+    try:
+        yield
+    finally:
+        (
+            image_encoder.unrolled_logsumexp,
+            mask_decoder.token_multiple,
+            transformer.heads_as_blocks,
+        ) = saved
+
+
 def main() -> None:
     cfg = Sam3DConfig.from_variant("tiny")
     model = build_sam3d(cfg, seed=1)
@@ -49,13 +73,14 @@ def main() -> None:
         label[i, c[0] - 8 : c[0] + 8, c[1] - 6 : c[1] + 6, c[2] - 10 : c[2] + 10] = 1
     key = jax.random.key(0)
 
-    def run(mesh, tx):
-        step = make_train_step(graphdef, tx, train_cfg)
-        p_sh = sh.state_shardings(params0, mesh)
-        r_sh = sh.state_shardings(rest0, mesh)
+    def run(mesh, tx, parts=(graphdef, params0, rest0)):
+        graphdef_, params0_, rest0_ = parts
+        step = make_train_step(graphdef_, tx, train_cfg)
+        p_sh = sh.state_shardings(params0_, mesh)
+        r_sh = sh.state_shardings(rest0_, mesh)
         # From host copies: the step donates its input buffers.
-        params = jax.device_put(jax.tree_util.tree_map(np.asarray, params0), p_sh)
-        rest = jax.device_put(jax.tree_util.tree_map(np.asarray, rest0), r_sh)
+        params = jax.device_put(jax.tree_util.tree_map(np.asarray, params0_), p_sh)
+        rest = jax.device_put(jax.tree_util.tree_map(np.asarray, rest0_), r_sh)
         opt = sh.init_optimizer_state(tx, params, p_sh, mesh)
         step0 = jax.device_put(np.zeros((), np.int32), sh.replicated(mesh))
         state = TrainState(step0, params, rest, opt)
@@ -116,6 +141,27 @@ def main() -> None:
             "bytes_per_device_params": sh.nbytes_per_device(state.params),
             "bytes_per_device_opt_state": sh.nbytes_per_device(adam_opt),
         }
+    # The forms chosen on GPUs only (unrolled log-sum-exps, filler tokens, block-diagonal
+    # head maps), switched on under a tensor-parallel mesh, against one device with the CPU
+    # forms. Two decoder heads, so that the cross-attention takes its few-token paths.
+    two_heads = build_sam3d(Sam3DConfig.from_variant("tiny", decoder_num_heads=2), seed=2)
+    parts = nnx.split(two_heads, nnx.Param, ...)
+    cpu_state, cpu_losses = run(single, sgd, parts)
+    with gpu_forms():
+        gpu_state, gpu_losses = run(sh.make_mesh(dict(zip(sh.MESH_AXES, (2, 2, 2)))), sgd, parts)
+    cpu_params = jax.tree_util.tree_leaves(cpu_state.params)
+    scale = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(cpu_params, jax.tree_util.tree_leaves(parts[1]), strict=True)
+    )
+    out["gpu_forms_2,2,2"] = {
+        "losses": gpu_losses,
+        "reference_losses": cpu_losses,
+        "max_param_diff_over_update_scale": max(
+            float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale
+            for a, b in zip(cpu_params, jax.tree_util.tree_leaves(gpu_state.params), strict=True)
+        ),
+    }
     # Full-size vit_b_ori under an 8-way fsdp mesh, from shapes alone (no memory).
     abstract = nnx.state(abstract_sam3d("vit_b_ori"), nnx.Param)
     mesh = sh.make_mesh({"fsdp": 8})

@@ -46,6 +46,12 @@ def test_fsdp_meshes_shard_every_large_array(report, mesh):
     assert r["bytes_per_device_params"] < full["bytes_per_device_params"] / 2
 
 
+def test_gpu_forms_on_a_tensor_parallel_mesh_match_one_device(report):
+    r = report["gpu_forms_2,2,2"]
+    np.testing.assert_allclose(r["losses"], r["reference_losses"], rtol=1e-4)
+    assert r["max_param_diff_over_update_scale"] < 1e-2
+
+
 def test_full_size_model_has_no_replicated_parameter_over_1mb(report):
     assert report["vit_b_ori_fsdp8_replicated_over_1MB"] == []
 
