@@ -33,6 +33,9 @@ Segmentation" challenge rule (deterministic)
     2. 26-connected components of ``E``; the largest by voxel count is kept. Equal sizes go to
        the component whose first voxel comes first in C order (the labelling numbers
        components in order of first appearance and ``argmax`` takes the lowest number).
+       The challenge labels with ``cc3d``, which numbers components the same way in the
+       array's memory order: the same order for C-contiguous arrays (a Fortran-ordered
+       array would be scanned first axis fastest there).
     3. Euclidean distance transform of that component alone, with **unit spacing** (the voxel
        spacing is ignored) and the image border counted as background: each voxel's distance
        to the nearest voxel outside the component. The challenge computes it on the
