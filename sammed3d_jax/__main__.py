@@ -81,6 +81,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="output mask (.nii / .nii.gz)")
     p.add_argument("--png", type=Path, help="optional overlay PNG (three orthogonal slices)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out / --png file"
+    )
     p.set_defaults(func=_segment)
 
 
@@ -99,9 +102,12 @@ def _segment(args: argparse.Namespace) -> int:
         raise PredictorError(f"--out {args.out}: the mask name must end in .nii or .nii.gz")
     if args.png is not None and args.png.suffix.lower() != ".png":
         raise PredictorError(f"--png {args.png}: the overlay name must end in .png")
-    check_output_file(args.out, "--out", inputs=[args.image, args.checkpoint])
-    if args.png is not None:
-        check_output_file(args.png, "--png", inputs=[args.image, args.checkpoint])
+    for flag, dst in (("--out", args.out), ("--png", args.png)):
+        if dst is None:
+            continue
+        check_output_file(dst, flag, inputs=[args.image, args.checkpoint])
+        if dst.exists() and not args.overwrite:
+            raise PredictorError(f"{flag} {dst}: already exists (use --overwrite to replace it)")
     if args.max_windows < 1:
         raise PredictorError(f"--max-windows must be >= 1, got {args.max_windows}")
     if args.spacing is not None and not args.spacing > 0:

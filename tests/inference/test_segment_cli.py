@@ -214,6 +214,25 @@ def test_segment_output_paths_are_checked_before_any_work(paths, tmp_path, capsy
     assert not mask.exists()
 
 
+def test_segment_replaces_an_existing_output_only_with_overwrite(paths, tmp_path, capsys):
+    out, png = tmp_path / "mask.nii.gz", tmp_path / "mask.png"
+    out.write_bytes(b"keep me")
+    png.write_bytes(b"keep me too")
+    base = ["segment", "--image", str(paths["image"]), "--checkpoint", str(paths["ckpt"])]
+    base += ["--point", "30,27,26", "--out", str(out), "--png", str(png)]
+    code, _, err = _run(base, capsys)
+    assert code == 2 and "--out" in err and "--overwrite" in err, err
+    assert len(err.strip().splitlines()) == 1
+    out.unlink()
+    code, _, err = _run(base, capsys)  # only the overlay exists now
+    assert code == 2 and "--png" in err and "--overwrite" in err, err
+    assert not out.exists() and png.read_bytes() == b"keep me too"
+    code, _, err = _run([*base, "--overwrite"], capsys)
+    assert code == 0, err
+    assert nib.load(out).shape == nib.load(paths["image"]).shape
+    assert png.stat().st_size > 1000
+
+
 @pytest.mark.parametrize(
     "point", ["1,2", "1,2,3,7", "x,2,3", "1;2;3", "1,2,3,1,0"], ids=lambda p: repr(p)
 )
