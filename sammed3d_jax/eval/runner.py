@@ -626,12 +626,18 @@ def evaluate_dataset(
             )
     grid = resolve_spacing(spacing, ckpt)
     try:
-        discovery = scan_dataset(data, layout)  # type: ignore[arg-type]
+        # Resolved: a resumed run finds its cases however --data is written.
+        discovery = scan_dataset(Path(data).resolve(), layout)  # type: ignore[arg-type]
     except LayoutError as exc:
         raise RunnerError(f"--data: {exc}") from exc
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise RunnerError(f"--out {out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and not (out_dir / RUN_FILE).exists() and any(out_dir.iterdir()):
+        raise RunnerError(
+            f"--out {out_dir}: a folder with other files and no {RUN_FILE} (not an evaluation "
+            "run); results go to a new or empty folder"
+        )
     # Outputs in the way are reported now, not after the cases have been computed.
     try:
         check_output_file(out_dir / RUN_FILE, "--out")
@@ -873,7 +879,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run an evaluation from parsed arguments and print a short report; returns 0."""
+    """Run an evaluation from parsed arguments and print a short report; returns 0, or 1
+    when no case could be evaluated."""
     stats = evaluate_dataset(
         args.data,
         args.checkpoint,
@@ -900,6 +907,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         + ("n/a" if pooled is None else f"{pooled:.4f} ± {pooled_std:.4f}")
         + f"; summary in {Path(args.out) / SUMMARY_FILE}"
     )
+    if s["num_ok"] == 0:  # nothing was measured: a script must not take this for success
+        print(
+            f"error: no case was evaluated ({s['num_failed']} failed; reasons in "
+            f"{Path(args.out) / CASES_DIR})",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -406,14 +406,45 @@ def test_cli_errors(fixture_dataset, tmp_path, capsys):
     assert str(bad_ckpt) in _one_error_line(capsys.readouterr().err)
     assert not out.exists()  # a run that cannot start leaves no folder to trip a re-run
     out.mkdir()
+    (out / "summary.json").write_text("someone else's")
+    assert main(["--data", str(fixture_dataset), *base]) == 2
+    assert "not an evaluation run" in _one_error_line(capsys.readouterr().err)
+    assert (out / "summary.json").read_text() == "someone else's"
+    (out / "summary.json").unlink()
+    (out / "run.json").write_text("{}")
     (out / "predictions").write_text("in the way")
     assert main(["--data", str(fixture_dataset), *base, "--save-predictions"]) == 2
     assert "predictions is a file" in _one_error_line(capsys.readouterr().err)
-    assert sorted(p.name for p in out.iterdir()) == ["predictions"]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions", "run.json"]
     with pytest.raises(SystemExit) as info:
         main(["--data", str(fixture_dataset), "--protocol", "nope", *base])
     assert info.value.code == 2
     assert "invalid choice" in _one_error_line(capsys.readouterr().err)
+
+
+def test_resume_with_data_written_another_way(fixture_dataset, golden_model, tmp_path, monkeypatch):
+    """--data relative or absolute, through a symlink or not: the same cases, none redone."""
+    link = tmp_path / "data_link"
+    link.symlink_to(fixture_dataset)
+    out = tmp_path / "out"
+    kwargs = dict(num_clicks=1, limit=1, progress=False, model=golden_model)
+    assert evaluate_dataset(fixture_dataset, CKPT, out, **kwargs).computed == ["cord_a"]
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_dataset(Path("data_link"), CKPT, out, **kwargs).computed == []
+    assert evaluate_dataset(link, CKPT, out, **kwargs).computed == []
+
+
+def test_a_run_where_every_case_fails_exits_non_zero(tmp_path, capsys):
+    root = tmp_path / "Dataset010_Empty"
+    vol = (np.random.default_rng(0).random((20, 20, 20)) * 100 + 1).astype(np.float32)
+    _save(root / "imagesTr" / "empty_0000.nii.gz", vol)
+    _save(root / "labelsTr" / "empty.nii.gz", np.zeros((20, 20, 20), np.uint8))
+    out = tmp_path / "out"
+    argv = ["--data", str(root), "--checkpoint", str(CKPT), "--out", str(out), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "failed: empty" in err and "error: no case was evaluated (1 failed" in err
+    assert json.loads((out / "summary.json").read_text())["num_failed"] == 1
 
 
 def test_cli_subprocess_exit_code(tmp_path):
