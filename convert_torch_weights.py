@@ -34,6 +34,7 @@ from sammed3d_jax.checkpoint import (
 from sammed3d_jax.convert.pth import PthError
 from sammed3d_jax.convert.torch_to_jax import ConversionError, infer_config
 from sammed3d_jax.convert.verify import ReferenceUnavailableError
+from sammed3d_jax.eval.runner import CliArgumentParser
 from sammed3d_jax.files import check_output_file
 from sammed3d_jax.model.config import VARIANTS, matching_variant
 
@@ -65,7 +66,7 @@ def convert(src: Path, out_dir: Path, overwrite: bool = False, img_size: int | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CliArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("src", type=Path, help="IN.pth (or CKPT_DIR with --export)")

@@ -290,6 +290,15 @@ def test_arguments_that_cannot_apply_are_refused(tmp_path, converted, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert {f.name: f.read_bytes() for f in converted.iterdir() if f.is_file()} == before
     assert not (tmp_path / "out").exists() and not (tmp_path / "x.pth").exists()
+    # Usage errors are one line too.
+    for argv, message in (
+        ([converted, tmp_path / "out", "--img-size", "abc"], "invalid int value"),
+        ([converted], "required: dst"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_mlp_width_is_rebuilt_exactly():
