@@ -93,7 +93,12 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from sammed3d_jax.train.loop import NonFiniteError, Preempted, train_and_evaluate
+    from sammed3d_jax.train.loop import (
+        DataLostError,
+        NonFiniteError,
+        Preempted,
+        train_and_evaluate,
+    )
 
     config = FLAGS.config
     with config.unlocked():
@@ -114,7 +119,7 @@ def main(argv):
         # controllers and retry loops start the run again, and it resumes.
         logging.warning("%s; run the same command again to resume", e)
         return 143
-    except NonFiniteError as e:
+    except (NonFiniteError, DataLostError) as e:
         logging.error("training stopped: %s", e)
         return 3
     except (ValueError, OSError) as e:

@@ -50,6 +50,23 @@ class NonFiniteError(FloatingPointError):
     """A logged training metric became NaN or infinite."""
 
 
+class DataLostError(RuntimeError):
+    """Several batches in a row had no readable sample: the training files are gone (an
+    unmounted or deleted data folder) or unreadable."""
+
+
+# Consecutive batches without one readable sample (on this process) that stop training.
+MAX_UNREADABLE_BATCHES = 3
+
+
+def _data_source(cfg: Any) -> str:
+    """The config field and value the training data comes from, for messages."""
+    for name in ("root", "records", "tfds_dir"):
+        if getattr(cfg, name, None):
+            return f"data.{name} {getattr(cfg, name)}"
+    return "the training data"
+
+
 class Preempted(Exception):
     """Training stopped after a SIGTERM with its state saved; running it again resumes."""
 
@@ -514,6 +531,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Raises:
       Preempted: a SIGTERM stopped the run after saving (run it again to resume).
       NonFiniteError: a logged metric became NaN or infinite (nothing non-finite is saved).
+      DataLostError: the training files became unreadable during the run.
     """
     check_local_path(os.fspath(workdir), "--workdir")
     if not os.fspath(workdir).strip():
@@ -648,6 +666,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             ev = evaluator(state, config.seed, None)
             writer.write(0, ev)
             log.info("step 0: %s", " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+        unreadable = 0
         with _Preemption() as pre, _closing(ckpt, writer):
             while step < total:
                 if profile and step == profile[0] and is_main:
@@ -655,6 +674,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 t0 = time.time()
                 local = _local_arrays(next(it))
                 wait += time.time() - t0
+                unreadable = 0 if local["sample_mask"].any() else unreadable + 1
+                if unreadable >= MAX_UNREADABLE_BATCHES:
+                    raise DataLostError(
+                        f"{_data_source(data_cfg)}: no readable sample in {unreadable} "
+                        f"batches in a row at step {step} (files gone or unreadable; see the "
+                        f"warnings above); the last checkpoint is kept"
+                    )
                 batch = _global_batch(local, mesh, rules, data_cfg.batch_size)
                 state, metrics = step_fn(state, batch, rng)
                 step += 1

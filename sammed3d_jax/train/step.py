@@ -392,6 +392,16 @@ def make_train_step(
         (loss, aux), grads = grad_fn(state.params, state.rest, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if "sample_mask" in batch:
+            # A batch without one valid sample (every file unreadable) leaves the weights and
+            # the optimizer as they are: AdamW's momentum and weight decay would move them.
+            learn = jnp.any(batch["sample_mask"])
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(learn, new, old),
+                (params, opt_state),
+                (state.params, state.opt_state),
+            )
+            updates = jax.tree.map(lambda u: jnp.where(learn, u, jnp.zeros_like(u)), updates)
         # The norms read the new parameters and the updates as computed: fused into their
         # reductions, both would be recomputed from the old parameters after the in-place
         # (donated) update has overwritten them, and XLA then copies every parameter first

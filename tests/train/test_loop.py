@@ -204,6 +204,37 @@ def test_non_finite_loss_stops_with_step_and_metric(tmp_path):
         assert all(np.isfinite(v).all() for v in params_at(workdir, s).values())
 
 
+@pytest.mark.slow
+def test_training_files_lost_mid_run_stop_training(tmp_path):
+    """Files deleted (or a data mount gone) during a run: the all-unreadable batches change
+    no weight, and a few of them in a row stop the run with the data folder named."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "demo_data" / "train", data)
+    workdir = tmp_path / "lost"
+    log = tmp_path / "stderr.txt"
+    extra = [f"--config.data.root={data}", "--config.data.cache_items=0"]
+    with log.open("w") as err:
+        p = subprocess.Popen(
+            train_cmd(workdir, 1000, *extra), cwd=REPO, stdout=subprocess.DEVNULL, stderr=err
+        )
+        try:
+            end = time.time() + 600
+            while not (workdir / "metrics.jsonl").exists() or not losses(workdir):
+                assert p.poll() is None and time.time() < end, log.read_text()[-3000:]
+                time.sleep(0.2)
+            for image in data.rglob("*_0000.nii.gz"):
+                image.unlink()
+            p.wait(timeout=300)
+        finally:
+            p.kill()
+    stderr = log.read_text()
+    assert p.returncode == 3, stderr[-3000:]
+    assert f"data.root {data}: no readable sample in 3 batches in a row" in stderr
+    assert "Traceback" not in stderr
+
+
 def test_rerun_without_checkpoint_rewrites_the_metrics(tmp_path):
     """A run that died before its first checkpoint starts over: its old rows (and a torn
     last line) are dropped, not appended to."""
