@@ -147,7 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1_000
     c.keep_checkpoints = 3
     c.async_checkpointing = True
-    c.plot_every_eval = True
+    c.plot_every_eval = True  # redraw curves.png after each evaluation (always at the end)
     c.profile_steps = ()  # e.g. (10, 15): jax profiler trace over these steps
     # Device mesh: axis sizes, -1 = the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -379,6 +379,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "shards) or data.tfds_dir (a TFDS build); the shipped configs take data=... or "
             "records=... after their file name"
         )
+    profile = tuple(config.get("profile_steps") or ())
+    if profile and (
+        len(profile) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) for v in profile)
+        or not 0 <= profile[0] < profile[1]
+    ):
+        raise ValueError(
+            f"profile_steps must be () or two step numbers (start, stop) with "
+            f"0 <= start < stop, got {profile!r}"
+        )
     clicks = tuple(config.val.clicks)
     if not clicks or any(not isinstance(c, int) or c < 1 for c in clicks):
         raise ValueError(f"val.clicks must be click counts >= 1, got {clicks!r}")
@@ -578,6 +588,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         workdir, config.checkpoint_every, config.keep_checkpoints, config.async_checkpointing
     )
     latest = ckpt.latest_step()
+    if latest is not None and latest > int(config.total_steps):
+        ckpt.close()
+        raise ValueError(
+            f"total_steps={config.total_steps} is below step {latest} of the checkpoint in "
+            f"{workdir}: raise total_steps to continue, or use another --workdir"
+        )
 
     with sh.use_mesh(mesh, rules):
         # Initial values are placed shard by shard; nothing is gathered on one device.
@@ -639,7 +655,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         pbar = _progress(total, step, is_main)
         pending: list[tuple[int, Any]] = []
         t_log, wait, steps_since = time.time(), 0.0, 0
+        # A trace covers steps that this run makes: one resumed past its start is not traced.
         profile = tuple(config.profile_steps) if config.profile_steps else ()
+        tracing = False
 
         def flush(force_eval: bool = False) -> None:
             nonlocal last, t_log, wait, steps_since
@@ -671,6 +689,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             while step < total:
                 if profile and step == profile[0] and is_main:
                     jax.profiler.start_trace(str(workdir / "profile"))
+                    tracing = True
                 t0 = time.time()
                 local = _local_arrays(next(it))
                 wait += time.time() - t0
@@ -686,9 +705,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 step += 1
                 steps_since += 1
                 pending.append((step, metrics))
-                if profile and step == profile[-1] and is_main:
+                if tracing and step == profile[-1]:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
+                    tracing = False
                 stop = pre.stop(step)
                 final = stop or step == total
                 # Metrics are checked before any save: a non-finite state is never written
@@ -726,7 +746,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     writer.write(step, ev)
                     last.update(ev)
                     log.info("step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-                    if is_main:
+                    if is_main and config.get("plot_every_eval", True):
                         plot_curves(workdir)
                 if pre.requested and not pre.synced and not saved:
                     # The signal came during the evaluation: save this step before stopping,
@@ -738,6 +758,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 if pre.requested:
                     log.warning("stopped at step %d after SIGTERM (checkpoint saved)", step)
                     break
+        if tracing:  # the run ended inside the profiled steps
+            jax.profiler.stop_trace()
         if pbar is not None:
             pbar.close()
         if is_main:

@@ -247,3 +247,14 @@ def test_process_settings_without_a_coordinator_are_refused():
     dist.process_id = 3
     with pytest.raises(ValueError, match="coordinator_address"):
         loop.maybe_initialize_distributed(dist)
+
+
+def test_profile_steps_are_checked():
+    config = cpu_demo.get_config()
+    for good in ((), (0, 1), (10, 15)):
+        config.profile_steps = good
+        loop.check_config(config)
+    for bad in ((5,), (5, 5), (7, 3), (-1, 2), (1, 2, 3), (True, 2), (1.5, 3)):
+        config.profile_steps = bad
+        with pytest.raises(ValueError, match="profile_steps must be"):
+            loop.check_config(config)

@@ -160,6 +160,12 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert "SIGTERM" in err and "run the same command again to resume" in err
     saved = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
     assert saved and saved[-1] == max(losses(workdir))
+    # A run told to stop before the saved step is refused, and nothing is rewritten.
+    config = (workdir / "config.json").read_bytes()
+    proc = run(workdir, saved[-1] - 1)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"total_steps={saved[-1] - 1} is below step {saved[-1]}" in proc.stderr
+    assert (workdir / "config.json").read_bytes() == config
 
 
 @pytest.mark.slow
@@ -181,6 +187,10 @@ def test_sigterm_during_evaluation_still_saves(tmp_path):
     assert p.returncode == 143, err[-3000:]
     saved = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
     assert saved[-1] == max(losses(workdir)) >= 2, (saved, err[-2000:])
+    # Resumed past the start of a profiled window: no trace to stop, the run finishes.
+    window = f"--config.profile_steps=(1, {saved[-1] + 1})"
+    proc = run(workdir, saved[-1] + 1, *extra, "--config.checkpoint_every=100", window)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_non_finite_loss_stops_with_step_and_metric(tmp_path):
