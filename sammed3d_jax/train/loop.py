@@ -389,6 +389,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"profile_steps must be () or two step numbers (start, stop) with "
             f"0 <= start < stop, got {profile!r}"
         )
+    val_batch = config.val.get("batch_size", 0)
+    if isinstance(val_batch, bool) or not isinstance(val_batch, int) or val_batch < 0:
+        raise ValueError(
+            f"val.batch_size must be an integer >= 0 (0: data.batch_size), got {val_batch!r}"
+        )
     clicks = tuple(config.val.clicks)
     if not clicks or any(not isinstance(c, int) or c < 1 for c in clicks):
         raise ValueError(f"val.clicks must be click counts >= 1, got {clicks!r}")
@@ -549,6 +554,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = Path(workdir).absolute()
     check_workdir(workdir)
     check_config(config)
+    # Before the model is built, so a mistyped folder costs no compile (and a wrong
+    # held-out folder no training before the first evaluation).
+    for name in ("data.root", "data.records", "data.tfds_dir", "val.root", "val.records"):
+        value = config.get(name.split(".")[0]).get(name.split(".")[1])
+        if value and not Path(value).exists():
+            raise ValueError(f"{name} {value}: not found")
     cfg = model_config(config)
     check_resumable(workdir, config, cfg)
     maybe_initialize_distributed(config.distributed)
