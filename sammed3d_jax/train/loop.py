@@ -497,6 +497,11 @@ def check_workdir(workdir: Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir {workdir}: is a file, not a folder")
     require_utf8_path(workdir.absolute(), "--workdir")
+    for name in ("checkpoints", "tensorboard"):  # folders the run writes into
+        if (workdir / name).exists() and not (workdir / name).is_dir():
+            raise ValueError(f"--workdir {workdir}: {name} is a file where the run keeps a folder")
+    if workdir.is_dir() and not os.access(workdir, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir {workdir}: cannot write in it")
     if (workdir / PARAMS_DIR).exists():
         raise ValueError(
             f"--workdir {workdir}: holds a converted model checkpoint ({PARAMS_DIR}/); train "

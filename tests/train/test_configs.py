@@ -225,8 +225,12 @@ def test_workdirs_a_run_would_damage_are_refused(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "config.json").write_text("{broken")
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "checkpoints").write_text("x")
     for workdir, message in (
         (tmp_path / "afile", "is a file"),
+        (blocked, "checkpoints is a file where the run keeps a folder"),
         (model_ckpt, "holds a converted model checkpoint"),
         (foreign, "not a training run's config"),
         (tmp_path / ("run" + os.fsdecode(b"\xff")), "--workdir folders must have names that are"),
