@@ -296,6 +296,11 @@ def weights_stamp(path: str | os.PathLike) -> dict[str, Any] | None:
                 return {"step": None}
             step = max(steps)
             return {"step": step, "files": digest(path / "checkpoints" / str(step) / "state")}
+        for need, is_there in ((CONFIG_FILE, Path.is_file), (f"{PARAMS_DIR}/", Path.is_dir)):
+            if not is_there(path / need.rstrip("/")):
+                raise CheckpointError(
+                    f"{path}: no {need}; not a converted checkpoint or a training run's folder"
+                )
         return {"files": digest(path / PARAMS_DIR, path / CONFIG_FILE)}
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e

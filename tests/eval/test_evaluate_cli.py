@@ -405,6 +405,12 @@ def test_cli_errors(fixture_dataset, tmp_path, capsys):
     assert main([*argv, "--no-progress"]) == 2
     assert str(bad_ckpt) in _one_error_line(capsys.readouterr().err)
     assert not out.exists()  # a run that cannot start leaves no folder to trip a re-run
+    not_ckpt = tmp_path / "not_a_checkpoint"
+    not_ckpt.mkdir()
+    argv = ["--data", str(fixture_dataset), "--checkpoint", str(not_ckpt), "--out", str(out)]
+    assert main([*argv, "--no-progress"]) == 2
+    assert "no config.json; not a converted checkpoint" in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()
     out.mkdir()
     (out / "summary.json").write_text("someone else's")
     assert main(["--data", str(fixture_dataset), *base]) == 2
