@@ -198,6 +198,10 @@ class DataConfig:
                 f"data.crop_size and data.batch_size must be positive, got "
                 f"crop_size={self.crop_size}, batch_size={self.batch_size}"
             )
+        for name in ("num_workers", "index_workers", "prefetch_batches", "cache_items"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"data.{name} must be an integer >= 0, got {value!r}")
         if len(self.spacing) != 3 or not all(
             np.isfinite(float(v)) and float(v) > 0 for v in self.spacing
         ):

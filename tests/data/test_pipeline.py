@@ -397,3 +397,11 @@ def test_eval_dataset_is_deterministic_padded_and_unflipped(tmp_path: Path) -> N
     assert [len(x) for x in per_process] == [2, 2]
     seen = [i for x in per_process for b in x for i, v in zip(b["item"], b["valid"]) if v]
     assert sorted(seen) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "field,value", [("num_workers", -1), ("cache_items", -5), ("prefetch_batches", 1.5)]
+)
+def test_negative_or_fractional_counts_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"data.{field} must be an integer >= 0"):
+        P.DataConfig(root="/data", **{field: value})
