@@ -570,7 +570,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     maybe_initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from e
     log.info(
         "jax %s, process %d/%d, %d devices (%d local): %s",
         jax.__version__,
