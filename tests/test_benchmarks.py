@@ -43,3 +43,18 @@ def test_cpu_model_names_the_generation(tmp_path):
     info.write_text(core.format(0) + core.format(1).replace("26", "25"))
     assert cpu_model(info) == "AMD EPYC (cpu family 26, model 2, stepping 1)"  # first CPU only
     assert cpu_model(tmp_path / "missing")  # falls back to the platform's name
+
+
+def test_spread_over_processes():
+    from benchmarks.repeat_processes import spread
+
+    runs = [
+        {"ratio_encoder_b1": 0.048, "encoder_b1_ms": 284.0, "device": "cpu", "only_here": 1},
+        {"ratio_encoder_b1": 0.052, "encoder_b1_ms": 310.0, "device": "cpu"},
+        {"ratio_encoder_b1": 0.049, "encoder_b1_ms": 290.0, "device": "cpu"},
+    ]
+    s = spread(runs, target=0.05)
+    assert s["processes"] == 3 and "device" not in s and "only_here" not in s
+    r = s["ratio_encoder_b1"]
+    assert (r["median"], r["min"], r["max"], r["met"]) == (0.049, 0.048, 0.052, 2)
+    assert s["encoder_b1_ms"]["median"] == 290.0 and "met" not in s["encoder_b1_ms"]
