@@ -210,6 +210,7 @@ def build_target(
     label = np.zeros((batch, s, s, s), np.uint8)
     label[:, s // 3 : 2 * s // 3, s // 4 : 3 * s // 4, s // 3 : 3 * s // 4] = 1
     data = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
+    data["sample_mask"] = jnp.ones((image.shape[0],), bool)  # as train.py passes it
     if target == "step":
         tx = make_optimizer(model, OptimConfig())
         graphdef, state = init_train_state(model, tx)

@@ -373,6 +373,7 @@ def bench_train(ours, ref, batch, clicks, repeats, gpu, variants, report=lambda 
         report(out)
 
     data = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
+    data["sample_mask"] = jnp.ones((image.shape[0],), bool)  # as train.py passes it
     key = jax.random.key(0)
     steps = {}
     for variant in variants:

@@ -391,17 +391,13 @@ def make_train_step(
         rng = jax.random.fold_in(rng, state.step)
         (loss, aux), grads = grad_fn(state.params, state.rest, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         if "sample_mask" in batch:
-            # A batch without one valid sample (every file unreadable) leaves the weights and
-            # the optimizer as they are: AdamW's momentum and weight decay would move them.
+            # A batch without one valid sample (every file unreadable) moves no weight:
+            # AdamW's momentum and weight decay would (its moments decay as for a zero
+            # gradient). Gating the updates, not the new values, keeps the update in place.
             learn = jnp.any(batch["sample_mask"])
-            params, opt_state = jax.tree.map(
-                lambda new, old: jnp.where(learn, new, old),
-                (params, opt_state),
-                (state.params, state.opt_state),
-            )
             updates = jax.tree.map(lambda u: jnp.where(learn, u, jnp.zeros_like(u)), updates)
+        params = optax.apply_updates(state.params, updates)
         # The norms read the new parameters and the updates as computed: fused into their
         # reductions, both would be recomputed from the old parameters after the in-place
         # (donated) update has overwritten them, and XLA then copies every parameter first
