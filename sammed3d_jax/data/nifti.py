@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -133,7 +133,7 @@ def load_volume(path: str | os.PathLike, *, kind: Literal["image", "label"] = "i
         if bad.any():
             raise VolumeError(f"{p}: {int(bad.sum())} non-finite (NaN/inf) voxels in the {kind}")
     affine = np.asarray(img.affine, dtype=np.float64)
-    _check_affine(affine, p)
+    check_affine(affine, p)
     header = img.header.copy()
     affine = _with_header_spacing(affine, header)
     return Volume(array=array, affine=affine, path=p, header=header)
@@ -159,8 +159,10 @@ def _with_header_spacing(affine: np.ndarray, header: nib.Nifti1Header) -> np.nda
     return out
 
 
-def _check_affine(affine: np.ndarray, path: Path | None) -> None:
+def check_affine(affine: Any, path: Path | None = None) -> None:
+    """Raise :class:`VolumeError` unless ``affine`` is a finite, invertible 4x4 matrix."""
     where = f"{path}: " if path is not None else ""
+    affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
         raise VolumeError(f"{where}affine is not a finite 4x4 matrix")
     rzs = affine[:3, :3]

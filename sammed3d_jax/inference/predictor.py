@@ -64,7 +64,7 @@ from sammed3d_jax.data.geometry import (
     world_to_voxel,
     znormalize,
 )
-from sammed3d_jax.data.nifti import Volume, VolumeError, load_volume
+from sammed3d_jax.data.nifti import Volume, VolumeError, check_affine, load_volume
 from sammed3d_jax.inference.tiling import TilingResult, crop_start_for_points, tiled_segmentation
 from sammed3d_jax.model.common import upsample_logits
 from sammed3d_jax.model.sam import FlatDef, Sam3D, compute_dtype_weights, merge_flat, split_flat
@@ -277,6 +277,8 @@ class Prediction:
       encoded: True when this call had to encode its ROI (not found in the cache).
       mask_prompt_reset: True when previous logits were given but dropped because the ROI
         changed.
+      image_token: identifies the image (the `set_image` call) it was made for: a
+        Prediction is only accepted as ``previous_logits`` for the same one.
     """
 
     mask: np.ndarray
@@ -290,6 +292,7 @@ class Prediction:
     in_roi: np.ndarray
     encoded: bool
     mask_prompt_reset: bool
+    image_token: object = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,6 +414,7 @@ class Predictor:
         self._cache: collections.OrderedDict[tuple[int, ...], jax.Array] = collections.OrderedDict()
         self._current_start: np.ndarray | None = None
         self._last_points: np.ndarray | None = None  # canonical clicks of the last call
+        self._image_token: object | None = None
 
     # ---------------------------------------------------------------- image
 
@@ -421,8 +425,21 @@ class Predictor:
           VolumeError: unreadable, non-NIfTI, not 3D or non-finite image (message names
             the file).
         """
-        vol = image if isinstance(image, Volume) else load_volume(Path(image), kind="image")
-        array = np.asarray(vol.array)
+        if isinstance(image, Volume):
+            vol = image
+            check_affine(vol.affine, vol.path)
+            # In-memory volumes as the file reader makes them: arrays, float64 affine.
+            vol = dataclasses.replace(
+                vol, array=np.asarray(vol.array), affine=np.asarray(vol.affine, np.float64)
+            )
+        elif isinstance(image, (str, os.PathLike)):
+            vol = load_volume(Path(image), kind="image")
+        else:
+            raise PredictorError(
+                f"image must be a NIfTI file path or a Volume(array, affine), got "
+                f"{type(image).__name__}; wrap an array as Volume(array, affine)"
+            )
+        array = vol.array
         name = vol.path or "<image>"
         if array.ndim != 3:
             raise VolumeError(f"{name}: expected a 3D volume, got shape {array.shape}")
@@ -438,6 +455,7 @@ class Predictor:
         resampled, res_affine = resample_to_spacing(array, vol.affine, self.spacing, "linear")
         canonical, can_affine, _ = to_canonical(resampled, res_affine)
         self._image = vol
+        self._image_token = object()  # marks the Predictions of this image
         self._canonical = canonical
         self._canonical_affine = can_affine
         self._cache.clear()
@@ -479,10 +497,14 @@ class Predictor:
 
     def to_canonical(self, points: Any, *, mm: bool = False) -> np.ndarray:
         """``(N, 3)`` clicks (original voxel indices or mm) → continuous canonical coordinates."""
-        pts = np.asarray(points, dtype=np.float64)
-        if pts.size % 3 or pts.size == 0:
+        try:
+            pts = np.asarray(points, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise PredictorError(f"points must be (N, 3) coordinates: {e}") from e
+        if pts.ndim == 1:
+            pts = pts[None]
+        if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] == 0:
             raise PredictorError(f"points must be (N, 3) coordinates, got shape {pts.shape}")
-        pts = pts.reshape(-1, 3)
         return self._check_clicks(pts, np.ones(pts.shape[0]), mm)[1]
 
     # ---------------------------------------------------------------- ROI
@@ -551,6 +573,11 @@ class Predictor:
         current = self._current_start
         known = self._last_points
         if isinstance(previous_logits, Prediction):
+            if previous_logits.image_token is not self._image_token:
+                raise PredictorError(
+                    "previous_logits is a Prediction of another image (or of another "
+                    "Predictor or set_image call); start with previous_logits=None"
+                )
             current = previous_logits.roi_start
             prev_low = previous_logits.low_res_logits
             known = previous_logits.points_roi + previous_logits.roi_start
@@ -614,6 +641,7 @@ class Predictor:
             in_roi=inside,
             encoded=encoded,
             mask_prompt_reset=reset,
+            image_token=self._image_token,
         )
 
     def predict_tiled(

@@ -279,3 +279,25 @@ def test_bad_arguments_are_clear_errors(golden_model):
         predictor.predict([[60, 30, 30]], [1], np.full_like(first.low_res_logits, np.nan))
     with pytest.raises(PredictorError, match=r"\(N, 3\)"):
         predictor.to_canonical([1, 2, 3, 4])
+    with pytest.raises(PredictorError, match=r"\(N, 3\).*\(3, 2\)"):
+        predictor.to_canonical([[10, 20], [30, 40], [50, 60]])
+    # A Prediction of another image is not a mask prompt for this one.
+    predictor.set_image(_synthetic_volume(seed=1))
+    with pytest.raises(PredictorError, match="Prediction of another image"):
+        predictor.predict([[60, 30, 30]], [1], first)
+    again = predictor.predict([[60, 30, 30]], [1])
+    predictor.predict([[60, 30, 30], [62, 30, 30]], [1, 1], again)  # its own: accepted
+    # Images that are neither a path nor a Volume, and in-memory volumes with bad affines.
+    for image, match in (
+        (np.zeros((10, 10, 10)), "a NIfTI file path or a Volume"),
+        (None, "a NIfTI file path or a Volume"),
+        (Volume(np.zeros((10, 10, 10)), np.eye(3)), "not a finite 4x4 matrix"),
+        (Volume(np.zeros((10, 10, 10)), np.full((4, 4), np.nan)), "not a finite 4x4 matrix"),
+        (Volume(np.zeros((10, 10, 10)), np.diag([1.0, 1.0, 0.0, 1.0])), "not invertible"),
+    ):
+        with pytest.raises((PredictorError, VolumeError), match=match):
+            predictor.set_image(image)
+    # A list-backed volume is taken as an array.
+    listed = _synthetic_volume(shape=(20, 20, 20))
+    predictor.set_image(Volume(listed.array.tolist(), listed.affine.tolist()))
+    assert predictor.image.array.shape == (20, 20, 20)
