@@ -42,7 +42,7 @@ from sammed3d_jax.convert.torch_to_jax import (
     torch_to_flax_state,
 )
 from sammed3d_jax.files import current_umask, fsync_dir, fsync_tree, replace_durably
-from sammed3d_jax.model.config import Sam3DConfig
+from sammed3d_jax.model.config import NUMERIC_FIELDS, Sam3DConfig
 from sammed3d_jax.model.sam import Sam3D
 
 PARAMS_DIR = "params"
@@ -410,6 +410,13 @@ def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
     ``window_attention="padded"``); the architecture always comes from the checkpoint.
     """
     path = Path(path)
+    not_numeric = sorted(set(config_overrides) - set(NUMERIC_FIELDS))
+    if not_numeric:
+        raise ValueError(
+            f"load_model overrides numerics only ({', '.join(NUMERIC_FIELDS)}); "
+            f"{', '.join(not_numeric)} cannot be changed when loading (the architecture comes "
+            "from the checkpoint)"
+        )
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file():

@@ -74,6 +74,14 @@ def test_converted_equals_direct_pth_load(converted, golden_sd):
         np.testing.assert_array_equal(b[k], golden_sd[k])
 
 
+def test_load_model_overrides_numerics_only(converted):
+    assert load_model(converted, dtype="bfloat16").config.dtype == "bfloat16"
+    for path in (converted, GOLDEN_PTH):
+        for bad in ({"decoder_num_heads": 1}, {"encoder_norm_eps": 0.5}, {"bogus": 1}):
+            with pytest.raises(ValueError, match=f"{next(iter(bad))} cannot be changed"):
+                load_model(path, **bad)
+
+
 @pytest.mark.parametrize("layout", ["bare", "ddp"])
 def test_other_layouts_convert(tmp_path, golden_sd, layout):
     sd = golden_sd if layout == "bare" else {f"module.{k}": v for k, v in golden_sd.items()}
