@@ -183,6 +183,11 @@ def tiled_segmentation(
 ) -> TilingResult:
     """Segment with overlapping ``crop_size³`` windows that follow the target.
 
+    Windows grow from the first one across every face the fused foreground touches; a
+    positive click that no window holds once that growth stops (a second target, or one
+    part of a target the first did not reach) seeds a window of its own, and growth goes
+    on from there, until every positive click is in a window or ``max_windows`` is reached.
+
     Args:
       canonical_shape: shape of the canonical grid.
       points: ``(N, 3)`` user clicks in continuous canonical coordinates.
@@ -202,6 +207,8 @@ def tiled_segmentation(
     s = int(crop_size)
     if s < 2 or s % 2:
         raise ValueError(f"crop_size must be an even number >= 2, got {crop_size}")
+    if isinstance(max_windows, bool) or not isinstance(max_windows, (int, np.integer)):
+        raise ValueError(f"max_windows must be an integer >= 1, got {max_windows!r}")
     if max_windows < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
@@ -229,62 +236,91 @@ def tiled_segmentation(
     reached_max = False
     centre = np.full(3, (s - 1) / 2.0)
 
-    while pending and not reached_max:
-        for _ in range(len(pending)):
-            start = pending.popleft()
-            if len(windows) >= max_windows:
-                reached_max = True
-                break
-            box = _overlap(start, s, shape)
-            if box is None:
-                continue
-            vol, win = box
-            local = pts - start
-            inside = np.all((local >= -0.5) & (local < s - 0.5), axis=1)
-            auto = False
-            if inside.any():
-                w_pts, w_labs = local[inside], labs[inside]
-            else:
-                d = den[vol]
-                fused = np.zeros(d.shape, bool)
-                np.greater(num[vol], 0, out=fused, where=d > 0)
-                fg = np.argwhere(fused)
-                if fg.size == 0:
+    def _grow() -> None:
+        nonlocal reached_max
+        while pending and not reached_max:
+            for _ in range(len(pending)):
+                start = pending.popleft()
+                if len(windows) >= max_windows:
+                    reached_max = True
+                    break
+                box = _overlap(start, s, shape)
+                if box is None:
                     continue
-                fg_win = fg + np.array([w.start for w in win])
-                nearest = fg_win[np.argmin(np.sum((fg_win - centre) ** 2, axis=1))]
-                w_pts = nearest[None].astype(np.float64)
-                w_labs = np.ones(1, np.int64)
-                auto = True
-            decoded = window_fn(np.array(start), w_pts, w_labs)
-            if decoded is None:
-                skipped.append(tuple(int(v) for v in start))
-                continue
-            logits = np.asarray(decoded, dtype=np.float32)
-            if logits.shape != (s, s, s):
-                raise ValueError(f"window_fn returned shape {logits.shape}, expected {(s,) * 3}")
-            pvol, pwin = _overlap(start + b, s, padded)
-            num_all[pvol] += weight[pwin] * logits[pwin]
-            den_all[pvol] += weight[pwin]
-            if not windows:
-                first_mask[vol] = (logits[win] > 0).astype(np.uint8)
-            windows.append(Window(tuple(int(v) for v in start), w_pts, w_labs, auto))
+                vol, win = box
+                local = pts - start
+                inside = np.all((local >= -0.5) & (local < s - 0.5), axis=1)
+                auto = False
+                if inside.any():
+                    w_pts, w_labs = local[inside], labs[inside]
+                else:
+                    d = den[vol]
+                    fused = np.zeros(d.shape, bool)
+                    np.greater(num[vol], 0, out=fused, where=d > 0)
+                    fg = np.argwhere(fused)
+                    if fg.size == 0:
+                        continue
+                    fg_win = fg + np.array([w.start for w in win])
+                    nearest = fg_win[np.argmin(np.sum((fg_win - centre) ** 2, axis=1))]
+                    w_pts = nearest[None].astype(np.float64)
+                    w_labs = np.ones(1, np.int64)
+                    auto = True
+                decoded = window_fn(np.array(start), w_pts, w_labs)
+                if decoded is None:
+                    skipped.append(tuple(int(v) for v in start))
+                    continue
+                logits = np.asarray(decoded, dtype=np.float32)
+                if logits.shape != (s, s, s):
+                    raise ValueError(
+                        f"window_fn returned shape {logits.shape}, expected {(s,) * 3}"
+                    )
+                pvol, pwin = _overlap(start + b, s, padded)
+                num_all[pvol] += weight[pwin] * logits[pwin]
+                den_all[pvol] += weight[pwin]
+                if not windows:
+                    first_mask[vol] = (logits[win] > 0).astype(np.uint8)
+                windows.append(Window(tuple(int(v) for v in start), w_pts, w_labs, auto))
+            if reached_max:
+                break
+            mask = np.zeros(tuple(shape), bool)
+            np.greater(num, 0, out=mask, where=den > 0)
+            for w in windows:
+                st = np.asarray(w.start, dtype=np.int64)
+                for axis, side in _touching_faces(mask, st, s, shape):
+                    nb = st.copy()
+                    nb[axis] += side * step
+                    key = tuple(int(v) for v in nb)
+                    if key in queued or _overlap(nb, s, shape) is None:
+                        continue
+                    queued.add(key)
+                    pending.append(nb)
+            if pending and len(windows) >= max_windows:
+                reached_max = True
+
+    positive = np.flatnonzero(labs == 1)
+    while True:
+        _grow()
         if reached_max:
             break
-        mask = np.zeros(tuple(shape), bool)
-        np.greater(num, 0, out=mask, where=den > 0)
-        for w in windows:
-            st = np.asarray(w.start, dtype=np.int64)
-            for axis, side in _touching_faces(mask, st, s, shape):
-                nb = st.copy()
-                nb[axis] += side * step
-                key = tuple(int(v) for v in nb)
-                if key in queued or _overlap(nb, s, shape) is None:
-                    continue
-                queued.add(key)
-                pending.append(nb)
-        if pending and len(windows) >= max_windows:
+        # A positive click that no window holds (the target, or targets, it marks are not
+        # connected to the windows so far): seed a window centred on it and grow again.
+        tried = [np.asarray(w.start) for w in windows] + [np.asarray(t) for t in skipped]
+        unreached = [
+            i
+            for i in positive
+            if not any(np.all((pts[i] - t >= -0.5) & (pts[i] - t < s - 0.5)) for t in tried)
+        ]
+        if not unreached:
+            break
+        seed = crop_start_for_points(pts[unreached[:1]], labs[unreached[:1]], shape, s)
+        key = tuple(int(v) for v in seed)
+        if key in queued:  # already tried (outside the grid): nothing more to place
+            break
+        if len(windows) >= max_windows:
             reached_max = True
+            break
+        queued.add(key)
+        pending.append(seed)
 
     logits_all = np.full(tuple(padded), -np.inf, np.float32)
     np.divide(num_all, den_all, out=logits_all, where=den_all > 0)

@@ -105,6 +105,27 @@ def test_tiling_respects_max_windows():
     assert result.reached_max_windows
 
 
+def test_every_positive_click_gets_a_window():
+    """Two separate targets, one click in each, further apart than a window: both are
+    segmented (growth from the first window alone never reaches the second)."""
+    s, shape = 32, (160, 40, 40)
+    label = _ellipsoid(shape, (20, 20, 20), (8, 8, 8)) | _ellipsoid(shape, (140, 20, 20), (8, 8, 8))
+    clicks = [[20.0, 20.0, 20.0], [140.0, 20.0, 20.0]]
+    oracle = label_oracle(label, s)
+    result = tiled_segmentation(shape, clicks, [1, 1], oracle, crop_size=s, max_windows=27)
+    mask = result.mask.astype(bool)
+    for centre in ((20, 20, 20), (140, 20, 20)):
+        assert mask[centre], centre
+    assert dice(mask, label) > 0.9 and not result.reached_max_windows
+    # A background click far away needs no window; the window limit still holds.
+    only_one = tiled_segmentation(shape, clicks, [1, 0], oracle, crop_size=s)
+    assert only_one.mask[20, 20, 20] and not only_one.mask[140, 20, 20]
+    capped = tiled_segmentation(shape, clicks, [1, 1], oracle, crop_size=s, max_windows=1)
+    assert len(capped.windows) == 1 and capped.reached_max_windows
+    with pytest.raises(ValueError, match="max_windows must be an integer"):
+        tiled_segmentation(shape, clicks, [1, 1], oracle, crop_size=s, max_windows=2.5)
+
+
 def test_tiling_ignores_targets_that_fit():
     s = 32
     shape = (80, 80, 80)
