@@ -232,11 +232,29 @@ def save_mask(path: str | os.PathLike, array: np.ndarray, like: Volume) -> Path:
     """
     dst = Path(path)
     suffix = _nifti_suffix(dst)
+    if not isinstance(like, Volume):
+        raise VolumeError(
+            f"{dst}: like must be a Volume (e.g. load_volume(path)), got {type(like).__name__}"
+        )
     data = np.asarray(array)
     if data.shape != tuple(like.array.shape):
         raise VolumeError(f"{dst}: mask shape {data.shape} != grid shape {like.array.shape}")
-    if data.size and (data.min() < 0 or data.max() > 255):
-        raise VolumeError(f"{dst}: mask values outside 0..255 cannot be stored as uint8")
+    if not (data.dtype == np.bool_ or np.issubdtype(data.dtype, np.number)):
+        raise VolumeError(f"{dst}: mask of type {data.dtype} cannot be stored as uint8")
+    if (
+        data.dtype != np.bool_
+        and data.size
+        and not (
+            np.isfinite(data).all()
+            and data.min() >= 0
+            and data.max() <= 255
+            and np.array_equal(data, np.round(data))
+        )
+    ):
+        raise VolumeError(
+            f"{dst}: mask values must be whole numbers in 0..255 (a uint8 label map); "
+            "threshold probabilities first"
+        )
     data = data.astype(np.uint8)
     file_shape = tuple(int(d) for d in like.header.get_data_shape()) if like.header else ()
     if len(file_shape) > 3 and file_shape[:3] == data.shape and set(file_shape[3:]) == {1}:

@@ -167,7 +167,14 @@ def test_save_mask_rejects_bad_input(tmp_path: Path) -> None:
         save_mask(tmp_path / "m.nii.gz", np.full((4, 5, 6), 300), like)
     with pytest.raises(VolumeError, match=r"\.nii"):
         save_mask(tmp_path / "m.png", np.zeros((4, 5, 6), np.uint8), like)
+    # Probabilities or NaN would be truncated to 0: refused.
+    for bad in (np.full((4, 5, 6), 0.6), np.full((4, 5, 6), np.nan)):
+        with pytest.raises(VolumeError, match=r"whole numbers in 0\.\.255"):
+            save_mask(tmp_path / "m.nii.gz", bad, like)
+    with pytest.raises(VolumeError, match="like must be a Volume"):
+        save_mask(tmp_path / "m.nii.gz", np.zeros((4, 5, 6), np.uint8), "image.nii.gz")
     assert list(tmp_path.iterdir()) == []
+    save_mask(tmp_path / "m.nii.gz", np.ones((4, 5, 6), np.float32), like)  # whole: fine
 
 
 def _rotation(angles_deg: np.ndarray) -> np.ndarray:
