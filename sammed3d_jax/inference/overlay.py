@@ -87,14 +87,26 @@ def save_overlay_png(
     dst = Path(path)
     if dst.suffix.lower() != ".png":
         raise ValueError(f"{dst}: overlay name must end in .png")
-    img = np.asarray(image, dtype=np.float32)
+    try:
+        img = np.asarray(image, dtype=np.float32)
+        raw_pts = np.asarray(points, dtype=np.float64)
+        labs = np.asarray(labels).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{dst}: image, points and labels must be arrays: {e}") from e
+    if img.ndim != 3:
+        raise ValueError(f"{dst}: expected a 3D image array, got shape {img.shape}")
     if np.shape(mask) != img.shape:
         raise ValueError(f"mask shape {np.shape(mask)} != image shape {img.shape}")
+    if raw_pts.ndim != 2 or raw_pts.shape[1] != 3 or raw_pts.shape[0] == 0:
+        raise ValueError(f"{dst}: points must be (N, 3) voxel indices, N >= 1, got {raw_pts.shape}")
+    if not np.isfinite(raw_pts).all():
+        raise ValueError(f"{dst}: points must be finite")
+    if labs.shape != (raw_pts.shape[0],) or not np.isin(labs, (0, 1)).all():
+        raise ValueError(f"{dst}: labels must be one 0 or 1 per point, got {labs.tolist()}")
     can_img, can_aff, axis_map = to_canonical(img, affine)
     can_mask = to_canonical(np.asarray(mask) > 0, affine)[0]
     spacing = np.sqrt(np.sum(np.asarray(can_aff)[:3, :3] ** 2, axis=0))
-    pts = canonical_voxel_index(points, axis_map)
-    labs = np.asarray(labels).reshape(-1)
+    pts = canonical_voxel_index(raw_pts, axis_map)
     centre = np.clip(np.floor(pts[0] + 0.5).astype(int), 0, np.array(can_img.shape) - 1)
     vmin, vmax = _window(can_img)
     red = ListedColormap([(1.0, 0.15, 0.1, 1.0)])

@@ -301,3 +301,25 @@ def test_bad_arguments_are_clear_errors(golden_model):
     listed = _synthetic_volume(shape=(20, 20, 20))
     predictor.set_image(Volume(listed.array.tolist(), listed.affine.tolist()))
     assert predictor.image.array.shape == (20, 20, 20)
+
+
+def test_overlay_arguments_are_checked(tmp_path):
+    from sammed3d_jax.inference import save_overlay_png
+
+    vol = _synthetic_volume(shape=(20, 20, 20))
+    mask = np.zeros((20, 20, 20), np.uint8)
+    png = tmp_path / "o.png"
+    for points, labels, match in (
+        (np.zeros((0, 3)), [], r"\(N, 3\)"),
+        ([[1, 2]], [1], r"\(N, 3\)"),
+        ([[1, 2, np.nan]], [1], "finite"),
+        ([[1, 2, 3], [4, 5, 6]], [1], "one 0 or 1 per point"),
+        ([[1, 2, 3]], [2], "one 0 or 1 per point"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            save_overlay_png(png, vol.array, vol.affine, mask, points, labels)
+    with pytest.raises(ValueError, match="3D image"):
+        save_overlay_png(png, vol.array[0], vol.affine, mask[0], [[1, 2, 3]], [1])
+    assert not png.exists()
+    save_overlay_png(png, vol.array, vol.affine, mask, [[1, 2, 3]], [1])  # empty mask: fine
+    assert png.stat().st_size > 1000
