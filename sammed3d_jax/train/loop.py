@@ -783,7 +783,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             pbar.close()
         if is_main:
             plot_curves(workdir)
-    if pre.requested:
+    if pre.requested and step < total:  # a signal after the last step: the run is done
         raise Preempted(step, workdir)
     return last
 
