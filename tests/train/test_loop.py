@@ -320,3 +320,32 @@ def test_default_main_job_learns(tmp_path):
     assert evals[-1]["eval/dice_5"] > evals[0]["eval/dice_5"] + 0.1
     for name in ("curves.png", "predictions.png", "config.json"):
         assert (workdir / name).exists()
+
+
+@pytest.mark.slow
+def test_sigterm_after_the_last_step_finishes_the_run(tmp_path, monkeypatch):
+    """A signal during the last step's evaluation: everything is saved, the run is done."""
+    from configs.cpu_demo import get_config
+    from sammed3d_jax.train import loop
+
+    config = get_config("steps=2,batch=2")
+    config.train.num_clicks = 2
+    config.train.no_point_low = config.train.no_point_high = 0
+    config.val.max_items = 2
+    config.val.batch_size = 2
+    config.val.clicks = (1,)
+    config.eval_every = 2
+    evaluate = loop.Evaluator.__call__
+    calls = []
+
+    def signalled(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the evaluations run at steps 0 and 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Evaluator, "__call__", signalled)
+    last = loop.train_and_evaluate(config, tmp_path / "run")  # no Preempted raised
+    assert np.isfinite(last["train/loss"])
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    assert max(losses(tmp_path / "run")) == 2 and len(calls) == 2
