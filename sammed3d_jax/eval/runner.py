@@ -522,6 +522,10 @@ def _record_problem(record: Any) -> str | None:
     if record["status"] != "ok":
         missing += [] if "error" in record else ["error"]
         return f"missing {missing}" if missing else None
+    missing += [k for k in ("dataset", "timings") if k not in record]
+    timings = record.get("timings")
+    if isinstance(timings, dict) and not isinstance(timings.get("total_s"), (int, float)):
+        return "timings lack total_s"
     classes = record.get("classes")
     if not isinstance(classes, dict):
         return "no classes"

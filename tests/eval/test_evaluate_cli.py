@@ -214,6 +214,12 @@ def test_resume(fixture_dataset, golden_model, tmp_path, fixtures_dir, capsys):
     fixed = evaluate_dataset(data, CKPT, out, **kwargs)
     assert fixed.computed == ["cord_c"]
     assert "incomplete case file" in capsys.readouterr().err
+    for key in ("timings", "dataset"):  # read by the summary and its CSV
+        broken = json.loads((out / "cases" / "cord_c.json").read_text())
+        del broken[key]
+        (out / "cases" / "cord_c.json").write_text(json.dumps(broken))
+        assert evaluate_dataset(data, CKPT, out, **kwargs).computed == ["cord_c"], key
+        assert "incomplete case file" in capsys.readouterr().err
     # A case file of other image/label files (the dataset changed under the same key) is
     # not reused either.
     moved = json.loads((out / "cases" / "cord_a.json").read_text())
