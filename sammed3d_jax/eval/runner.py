@@ -647,6 +647,14 @@ def evaluate_dataset(
         check_output_file(out_dir / RUN_FILE, "--out")
     except ValueError as e:
         raise RunnerError(str(e)) from None
+    if not out_dir.exists():
+        # Permission bits do not tell a read-only file system (or /sys) apart: try it now,
+        # before the model loads, rather than fail at the first write.
+        try:
+            out_dir.mkdir(parents=True)
+            out_dir.rmdir()
+        except OSError as e:
+            raise RunnerError(f"--out {out_dir}: cannot create it ({e.strerror})") from None
     for name in (SUMMARY_FILE, CSV_FILE, PLOT_FILE, RUN_FILE):
         if (out_dir / name).is_dir():
             raise RunnerError(f"--out {out_dir}: {name} is a folder where the run writes a file")

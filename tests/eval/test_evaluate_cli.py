@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -432,6 +433,26 @@ def test_cli_errors(fixture_dataset, tmp_path, capsys):
         main(["--data", str(fixture_dataset), "--protocol", "nope", *base])
     assert info.value.code == 2
     assert "invalid choice" in _one_error_line(capsys.readouterr().err)
+
+
+def test_out_on_a_read_only_file_system(fixture_dataset, tmp_path, monkeypatch, capsys):
+    """Permission bits allow it, the file system refuses it: named before the model loads."""
+    out = tmp_path / "ro" / "out"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == out or out in self.parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    argv = ["--data", str(fixture_dataset), "--checkpoint", str(tmp_path / "nope")]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 2
+    assert "no such file" in _one_error_line(capsys.readouterr().err)  # checkpoint first
+    argv = ["--data", str(fixture_dataset), "--checkpoint", str(CKPT), "--out", str(out)]
+    assert main([*argv, "--no-progress"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"--out {out}: cannot create it (Read-only file system)" in line
 
 
 def test_resume_with_data_written_another_way(fixture_dataset, golden_model, tmp_path, monkeypatch):
