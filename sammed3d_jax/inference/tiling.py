@@ -102,7 +102,8 @@ class Window:
       start: canonical start ``(A0, A1, A2)`` (may be negative: padding).
       points: ``(K, 3)`` float64 clicks in window coordinates given to ``window_fn``.
       labels: ``(K,)`` int64 their labels.
-      auto_click: True when the click came from the fused mask, not from the user.
+      auto_click: True when a positive click came from the fused mask (the window holds no
+        positive click of the user's; its negative clicks are kept).
     """
 
     start: tuple[int, int, int]
@@ -251,20 +252,23 @@ def tiled_segmentation(
                 local = pts - start
                 inside = np.all((local >= -0.5) & (local < s - 0.5), axis=1)
                 auto = False
-                if inside.any():
-                    w_pts, w_labs = local[inside], labs[inside]
-                else:
+                w_pts, w_labs = local[inside], labs[inside]
+                if not (w_labs == 1).any():
+                    # No positive click of the user's here: one from the fused mask, next to
+                    # the window's negative clicks (alone, those would decode an empty window
+                    # that pulls its neighbours' logits down where they overlap).
                     d = den[vol]
                     fused = np.zeros(d.shape, bool)
                     np.greater(num[vol], 0, out=fused, where=d > 0)
                     fg = np.argwhere(fused)
-                    if fg.size == 0:
+                    if fg.size == 0 and not inside.any():
                         continue
-                    fg_win = fg + np.array([w.start for w in win])
-                    nearest = fg_win[np.argmin(np.sum((fg_win - centre) ** 2, axis=1))]
-                    w_pts = nearest[None].astype(np.float64)
-                    w_labs = np.ones(1, np.int64)
-                    auto = True
+                    if fg.size:
+                        fg_win = fg + np.array([w.start for w in win])
+                        nearest = fg_win[np.argmin(np.sum((fg_win - centre) ** 2, axis=1))]
+                        w_pts = np.concatenate([nearest[None].astype(np.float64), w_pts])
+                        w_labs = np.concatenate([np.ones(1, np.int64), w_labs])
+                        auto = True
                 decoded = window_fn(np.array(start), w_pts, w_labs)
                 if decoded is None:
                     skipped.append(tuple(int(v) for v in start))

@@ -94,6 +94,32 @@ def test_tiling_recovers_large_synthetic_target(capsys):
     assert np.isneginf(result.logits[result.logits < -1e30]).all()
 
 
+def test_windows_with_only_negative_clicks_get_a_positive_one(capsys):
+    """A background click past the end of a long target (the usual fix for a leak) must not
+    leave its windows without a positive prompt: with a model that, as SAM, predicts nothing
+    from negative clicks alone, those windows would cut the target off."""
+    s, shape = 32, (110, 60, 50)
+    label = _ellipsoid(shape, (55, 30, 25), (38, 14, 12))
+    oracle = label_oracle(label, s)
+
+    def model(start, points, labels):
+        if not (labels == 1).any():
+            return np.full((s, s, s), -10.0, np.float32)
+        return oracle(start, points, labels)
+
+    clicks, labels = np.array([[50.0, 30.0, 25.0], [97.0, 30.0, 25.0]]), np.array([1, 0])
+    result = tiled_segmentation(shape, clicks, labels, model, crop_size=s)
+    alone = tiled_segmentation(shape, clicks[:1], labels[:1], model, crop_size=s)
+    _report(capsys, f"negative click past the end: Dice {dice(result.mask, label):.4f}")
+    assert dice(result.mask, label) > 0.95 and dice(alone.mask, label) > 0.95
+    with_negative = [w for w in result.windows if (w.labels == 0).any()]
+    assert with_negative
+    for w in with_negative:  # the user's negative click kept, a positive one added
+        assert w.auto_click and w.labels.tolist() == [1, 0]
+        np.testing.assert_allclose(w.points[1], clicks[1] - np.asarray(w.start))
+        assert label[tuple((w.points[0] + np.asarray(w.start)).astype(int))] == 1
+
+
 def test_tiling_respects_max_windows():
     s = 32
     shape = (110, 60, 50)
