@@ -131,6 +131,13 @@ def _segment(args: argparse.Namespace) -> int:
         detail = f"{len(result.tiling.windows)} window(s)" + (
             f", {skipped} skipped (ROI cannot be normalised)" if skipped else ""
         )
+        if result.tiling.reached_max_windows:
+            detail += ", window limit reached"
+            print(
+                f"warning: --max-windows {args.max_windows} reached: the target may go on "
+                "past the segmented windows (raise --max-windows)",
+                file=sys.stderr,
+            )
     else:
         result = predictor.predict(points, labels, mm=args.mm)
         mask = result.mask

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -132,6 +133,24 @@ def test_segment_tile(paths, tmp_path, capsys):
     assert code == 0
     assert "window" in stdout
     assert nib.load(out).shape == (60, 55, 52)
+
+
+def test_segment_tile_says_when_the_window_limit_cut_it(paths, tmp_path, capsys, monkeypatch):
+    from sammed3d_jax.inference import Predictor
+
+    tiled = Predictor.predict_tiled
+
+    def at_the_limit(self, *args, **kwargs):  # a target longer than the windows allowed
+        result = tiled(self, *args, **kwargs)
+        tiling = dataclasses.replace(result.tiling, reached_max_windows=True)
+        return dataclasses.replace(result, tiling=tiling)
+
+    monkeypatch.setattr(Predictor, "predict_tiled", at_the_limit)
+    argv = ["segment", "--image", str(paths["image"]), "--checkpoint", str(paths["ckpt"])]
+    argv += ["--point", "30,27,26", "--tile", "--max-windows", "1"]
+    code, stdout, err = _run([*argv, "--out", str(tmp_path / "m.nii")], capsys)
+    assert code == 0 and "window limit reached" in stdout
+    assert "--max-windows 1 reached" in err
 
 
 def _write(path, array, affine=None):
