@@ -41,7 +41,7 @@ from sammed3d_jax.convert.torch_to_jax import (
     strip_prefix,
     torch_to_flax_state,
 )
-from sammed3d_jax.files import current_umask, fsync_dir, fsync_tree, replace_durably
+from sammed3d_jax.files import current_umask, fsync_dir, fsync_tree, replace_durably, temp_prefix
 from sammed3d_jax.model.config import NUMERIC_FIELDS, Sam3DConfig
 from sammed3d_jax.model.sam import Sam3D
 
@@ -187,7 +187,7 @@ def _atomic_dir(out_dir: Path, overwrite: bool):
                     f"{out_dir} is not a converted checkpoint (it holds {shown}); refusing to "
                     f"replace it: choose a new folder or remove it yourself"
                 )
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{temp_prefix(out_dir.name)}tmp-", dir=out_dir.parent))
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
         try:
             yield tmp
@@ -195,7 +195,7 @@ def _atomic_dir(out_dir: Path, overwrite: bool):
                 # The new tree is on disk before the old one moves aside, so the two
                 # renames are all that separates them.
                 fsync_tree(tmp)
-                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+                old = out_dir.with_name(f"{temp_prefix(out_dir.name)}old-{os.getpid()}")
                 os.replace(out_dir, old)
                 try:
                     os.replace(tmp, out_dir)

@@ -85,6 +85,14 @@ def replace_durably(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(dst)))
 
 
+def temp_prefix(name: str) -> str:
+    """``".<name>."`` for a temporary file beside ``name``, with the name cut to 100 bytes:
+    a long (but valid) output name plus the random part would pass the 255-byte limit of
+    a file name and fail only when the output is written."""
+    raw = os.fsencode(name)
+    return f".{os.fsdecode(raw[:100]) if len(raw) > 100 else name}."
+
+
 @contextlib.contextmanager
 def atomic_path(dst: Path, suffix: str = "") -> Iterator[str]:
     """A temporary file name beside ``dst``, renamed over it when the block succeeds.
@@ -97,7 +105,7 @@ def atomic_path(dst: Path, suffix: str = "") -> Iterator[str]:
     dst = Path(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix, dir=dst.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dst.name), suffix=suffix, dir=dst.parent)
     except OSError as e:
         raise _naming(e, dst) from e
     try:

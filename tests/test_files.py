@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from sammed3d_jax.files import atomic_path, replace_durably, write_atomic
@@ -156,3 +157,23 @@ def test_write_errors_name_the_output_not_its_temporary(tmp_path):
             write_atomic(dst, "data")
         assert f"cannot write {dst}" in str(info.value) and ".tmp" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
+
+
+@pytest.mark.parametrize("name", ["a" * 247 + ".nii.gz", "é" * 127 + "x"], ids=["ascii", "utf8"])
+def test_the_longest_valid_names_can_be_written(tmp_path, name):
+    """Temporary names stay within the 255-byte file-name limit for any valid output name
+    (multi-byte characters cut at a byte boundary included)."""
+    from sammed3d_jax.checkpoint import _atomic_dir
+    from sammed3d_jax.convert.pth import load_pth, save_pth
+
+    assert len(os.fsencode(name)) <= 255
+    write_atomic(tmp_path / name, "x")
+    assert (tmp_path / name).read_text() == "x"
+    (tmp_path / "pth").mkdir()
+    save_pth(tmp_path / "pth" / name, {"w": np.zeros(2, np.float32)})
+    np.testing.assert_array_equal(load_pth(tmp_path / "pth" / name)["w"], np.zeros(2))
+    for overwrite in (False, True):  # a new folder, then one replaced
+        with _atomic_dir(tmp_path / "dirs" / name, overwrite=overwrite) as tmp:
+            (tmp / "config.json").write_text(str(overwrite))
+    assert (tmp_path / "dirs" / name / "config.json").read_text() == "True"
+    assert [p.name for p in (tmp_path / "dirs").iterdir()] == [name]

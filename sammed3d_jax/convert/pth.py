@@ -44,7 +44,7 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
-from sammed3d_jax.files import replace_durably
+from sammed3d_jax.files import replace_durably, temp_prefix
 
 __all__ = [
     "Namespace",
@@ -1086,7 +1086,7 @@ def save_pth(path: str | os.PathLike[str], obj: Any) -> None:
         (".data/serialization_id", serialization_id.encode(), False),
     ]
 
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = target.with_name(f"{temp_prefix(target.name)}{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
