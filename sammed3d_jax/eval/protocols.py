@@ -406,8 +406,6 @@ def run_cvpr25(
             pts[c].append(point)
             labs[c].append(lab)
             t0 = time.perf_counter()
-            if previous[c] is None:
-                predictor.reset()
             try:
                 pred = predictor.predict(np.asarray(pts[c]), np.asarray(labs[c]), previous[c])
             except (NoClickInRoiError, RoiNormalizationError) as exc:

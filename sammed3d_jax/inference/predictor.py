@@ -557,7 +557,8 @@ class Predictor:
           labels: ``(N,)`` 1 = foreground, 0 = background.
           previous_logits: the previous :class:`Prediction` (its ROI is then the current
             one) or its ``(L, L, L)`` low-res logits (current ROI = the last call's); None
-            for a zero mask prompt.
+            for a zero mask prompt and an ROI chosen afresh from ``points`` (the same
+            call gives the same result whatever came before).
           mm: interpret ``points`` as millimetres.
 
         Returns:
@@ -570,8 +571,9 @@ class Predictor:
         _, canonical, labs = self._check_clicks(points, labels, mm)
         s = self.crop_size
         prev_low = None
-        current = self._current_start
-        known = self._last_points
+        # Without previous logits the call starts afresh: its ROI depends on its clicks only,
+        # never on what earlier calls happened to segment.
+        current = known = None
         if isinstance(previous_logits, Prediction):
             if previous_logits.image_token is not self._image_token:
                 raise PredictorError(
@@ -598,6 +600,7 @@ class Predictor:
                     f"{size}), got shape {prev_low.shape}"
                 )
             prev_low = prev_low.reshape(size, size, size)
+            current, known = self._current_start, self._last_points
         # The clicks new since the last call (all of them unless those extend the last
         # call's): only these can move the ROI.
         new = canonical

@@ -86,9 +86,10 @@ def test_bounded_recompilation(golden_model):
     assert predictor.engine.encode_calls == 1
     # Replaying the session, and a 7th and 8th click, compile nothing new.
     predictor.reset()
+    prev = None
     for n in range(1, 7):
-        predictor.predict(clicks[:n], labels[:n])
-    predictor.predict([*clicks, [34, 29, 31], [37, 32, 28]], [*labels, 1, 0])
+        prev = predictor.predict(clicks[:n], labels[:n], prev)
+    predictor.predict([*clicks, [34, 29, 31], [37, 32, 28]], [*labels, 1, 0], prev)
     assert trace_counts() == after
     assert predictor.engine.encode_calls == 1
 
@@ -323,3 +324,20 @@ def test_overlay_arguments_are_checked(tmp_path):
     assert not png.exists()
     save_overlay_png(png, vol.array, vol.affine, mask, [[1, 2, 3]], [1])  # empty mask: fine
     assert png.stat().st_size > 1000
+
+
+def test_a_call_without_previous_logits_starts_afresh(golden_model, t2_volume):
+    """The same clicks give the same result whatever an earlier call segmented."""
+    fresh = Predictor(golden_model)
+    fresh.set_image(t2_volume)
+    expected = fresh.predict([[30, 27, 26]], [1])
+    predictor = Predictor(golden_model)
+    predictor.set_image(t2_volume)
+    other = predictor.predict([[20, 20, 20]], [1])
+    assert not np.array_equal(other.roi_start, expected.roi_start)  # the click is inside it
+    again = predictor.predict([[30, 27, 26]], [1])
+    np.testing.assert_array_equal(again.roi_start, expected.roi_start)
+    np.testing.assert_array_equal(again.mask, expected.mask)
+    # Given the previous prediction, the session keeps that ROI.
+    kept = predictor.predict([[20, 20, 20], [30, 27, 26]], [1, 1], other)
+    np.testing.assert_array_equal(kept.roi_start, other.roi_start)
