@@ -119,7 +119,13 @@ def _read_dataset_json(
     if not isinstance(labels, dict):
         raise LayoutError(f"{path}: 'labels' must be an object")
     for key, value in labels.items():
-        if isinstance(value, bool):
+        if key == "ignore" and not isinstance(value, bool) and isinstance(value, int):
+            # nnU-Net v2: the highest id, for voxels nobody annotated; not a target.
+            problems.append(
+                f"{path}: label 'ignore' ({value}) marks unannotated voxels: not a class (its "
+                "voxels count as background of the other classes)"
+            )
+        elif isinstance(value, bool):
             problems.append(f"{path}: label {key!r} has a non-integer id {value!r}; ignored")
         elif isinstance(value, int):  # nnU-Net v2: name -> id
             if value != 0:
@@ -163,9 +169,14 @@ def _pair_split(
     dataset: str,
     require_labels: bool,
     problems: list[str],
+    exact_names_first: bool = False,
 ) -> list[Case]:
     """Pair labels with images. Pairing is driven by the label names, because a case id may
-    itself end in four digits (``word_0025``) and look like a channel suffix."""
+    itself end in four digits (``word_0025``) and look like a channel suffix.
+
+    When both ``<case>_0000`` and ``<case>`` images exist, the nnU-Net channel file wins,
+    unless ``exact_names_first`` (the SAM-Med3D layout names an image as its label) or
+    ``<case>_0000`` is the name of another label, whose own image it then is."""
     images_dir = dataset_dir / f"images{split}"
     labels_dir = dataset_dir / f"labels{split}"
     images = _stems(images_dir, ending)
@@ -179,14 +190,17 @@ def _pair_split(
     cases = []
     for case_id, label_path in labels.items():
         channel0, bare = f"{case_id}_0000", case_id
-        if channel0 in images:
-            image_stem = channel0
-            if bare in images:
+        if channel0 in images and bare in images:
+            image_stem = bare if exact_names_first or channel0 in labels else channel0
+            other = channel0 if image_stem == bare else bare
+            if not (other == channel0 and channel0 in labels):  # else: that label's image
                 problems.append(
-                    f"{images_dir}: both {channel0}{ending} and {bare}{ending} exist; "
-                    f"using {channel0}{ending}"
+                    f"{images_dir}: both {channel0}{ending} and {bare}{ending} exist for label "
+                    f"{case_id}{ending}; using {image_stem}{ending}"
                 )
-                used.add(bare)
+                used.add(other)
+        elif channel0 in images:
+            image_stem = channel0
         elif bare in images:
             image_stem = bare
         else:
@@ -256,6 +270,7 @@ def _scan_sammed3d(root: Path, require_labels: bool, problems: list[str]) -> lis
                     dataset_dir.name,
                     require_labels,
                     problems,
+                    exact_names_first=True,
                 )
     return cases
 

@@ -141,6 +141,42 @@ def test_sammed3d_layout(tmp_path: Path) -> None:
     assert len(found.warnings) == 1 and "word_0099" in found.warnings[0]
 
 
+@pytest.mark.parametrize("layout", ["sammed3d", "nnunet"])
+def test_an_image_named_as_its_label_is_not_taken_from_another_case(tmp_path, layout) -> None:
+    """Cases ``pat`` and ``pat_0000``, each image named as its label: label ``pat`` must not
+    get ``pat_0000``'s image because that name looks like an nnU-Net channel file."""
+    ds = tmp_path / "liver" / "ct_X" if layout == "sammed3d" else tmp_path / "Dataset001_X"
+    names = ("pat", "pat_0000")
+    _touch(ds, *[f"{kind}Tr/{n}.nii.gz" for n in names for kind in ("images", "labels")])
+    found = scan_dataset(tmp_path)
+    assert found.layout == layout
+    pairs = {c.label_path.name: c.image_path.name for c in found.cases}
+    assert pairs == {"pat.nii.gz": "pat.nii.gz", "pat_0000.nii.gz": "pat_0000.nii.gz"}
+    assert found.warnings == []
+
+
+def test_both_image_names_for_one_label(tmp_path: Path) -> None:
+    """nnU-Net names the image ``<case>_0000``, SAM-Med3D as the label: each layout takes
+    its own when a folder holds both, and says so."""
+    for layout, root in (("nnunet", "Dataset001_X"), ("sammed3d", "liver/ct_X")):
+        ds = tmp_path / layout / root
+        _touch(ds, "imagesTr/a.nii.gz", "imagesTr/a_0000.nii.gz", "labelsTr/a.nii.gz")
+        found = scan_dataset(tmp_path / layout)
+        (case,) = found.cases
+        want = "a_0000.nii.gz" if layout == "nnunet" else "a.nii.gz"
+        assert case.image_path.name == want
+        (warning,) = found.warnings
+        assert f"using {want}" in warning
+
+
+def test_nnunet_ignore_label_is_not_a_class(tmp_path: Path) -> None:
+    ds = _nnunet(tmp_path, labels={"background": 0, "organ": 1, "ignore": 2})
+    _touch(ds, "imagesTr/x_0000.nii.gz", "labelsTr/x.nii.gz")
+    found = scan_dataset(tmp_path)
+    assert found.cases[0].class_names == {1: "organ"}
+    assert any("'ignore' (2) marks unannotated voxels" in w for w in found.warnings)
+
+
 def test_files_of_another_ending_are_reported(tmp_path: Path) -> None:
     _touch(
         tmp_path,
