@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import multiprocessing
+import numbers
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -187,10 +188,20 @@ class DataConfig:
         for name in ("root", "records", "tfds_dir", "index_path"):
             if getattr(self, name) == "":  # config files spell "unset" as ""
                 object.__setattr__(self, name, None)
-        for name in ("splits", "spacing", "ct_range"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.classes is not None:
-            object.__setattr__(self, "classes", tuple(self.classes))
+        for name in ("splits", "spacing", "ct_range", "classes"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # tuple("Tr") would be ("T", "r")
+                raise ValueError(f"data.{name} must be a list, got the string {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        lo_hi = self.ct_range
+        if not (
+            len(lo_hi) == 2
+            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in lo_hi)
+            and all(np.isfinite(float(v)) for v in lo_hi)
+            and lo_hi[0] < lo_hi[1]
+        ):
+            raise ValueError(f"data.ct_range must be two finite numbers lo < hi, got {lo_hi}")
         if self.clamp_ct not in ("auto", "always", "never"):
             raise ValueError(f"clamp_ct must be 'auto', 'always' or 'never', got {self.clamp_ct!r}")
         if self.crop_size < 1 or self.batch_size < 1:

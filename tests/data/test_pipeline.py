@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -405,3 +406,24 @@ def test_eval_dataset_is_deterministic_padded_and_unflipped(tmp_path: Path) -> N
 def test_negative_or_fractional_counts_are_refused(field, value):
     with pytest.raises(ValueError, match=f"data.{field} must be an integer >= 0"):
         P.DataConfig(root="/data", **{field: value})
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("splits", "Tr", "data.splits must be a list, got the string 'Tr'"),
+        ("classes", "liver", "data.classes must be a list"),
+        ("ct_range", (1000, -1000), "data.ct_range must be two finite numbers lo < hi"),
+        ("ct_range", (1, 2, 3), "data.ct_range must be two"),
+        ("ct_range", (float("nan"), 1), "data.ct_range must be two"),
+    ],
+)
+def test_mistyped_lists_and_ranges_are_refused(field, value, message):
+    """A string split into letters filtered every item out; a reversed CT range made every
+    CT image one constant, and training went on."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        P.DataConfig(root="/data", **{field: value})
+    assert P.DataConfig(root="/data", classes=["liver", 2], ct_range=[-500, 500.5]).classes == (
+        "liver",
+        2,
+    )
