@@ -221,6 +221,29 @@ def save_prediction_png(path: Path, image, label, logits, points) -> None:
         plt.close(fig)
 
 
+def val_data_config(config: ml_collections.ConfigDict, crop_size: int) -> DataConfig:
+    """The held-out data's settings: ``config.data``'s preparation (spacing, orientation, CT
+    clamping), ``config.val``'s source, splits and batch size, no flips."""
+    v = config.val
+    batch = int(v.batch_size) or int(config.data.batch_size)
+    data = dict(config.data.to_dict())
+    data.update(
+        root=v.root,
+        records=v.records,
+        tfds_dir="",  # held-out data come from val.root / val.records only
+        # The training index's file would be rewritten by each (stale) for the other set.
+        index_path="",
+        splits=tuple(v.splits),
+        flip_prob=0.0,
+        # Every target is scored, as the inference protocol does; the "> 1000 voxels in
+        # the crop" rule belongs to the original's training loader only.
+        min_crop_voxels=1,
+        eval_batch_size=batch,
+        num_workers=0,
+    )
+    return data_config(data, crop_size, batch)
+
+
 class Evaluator:
     """Held-out Dice after 1..N clicks (inference protocol), plus a prediction PNG.
 
@@ -235,21 +258,7 @@ class Evaluator:
         if not self.enabled:
             return
         self.clicks = tuple(int(c) for c in v.clicks)
-        batch = int(v.batch_size) or int(config.data.batch_size)
-        data = dict(config.data.to_dict())
-        data.update(
-            root=v.root,
-            records=v.records,
-            tfds_dir="",  # held-out data come from val.root / val.records only
-            splits=tuple(v.splits),
-            flip_prob=0.0,
-            # Every target is scored, as the inference protocol does; the "> 1000 voxels in
-            # the crop" rule belongs to the original's training loader only.
-            min_crop_voxels=1,
-            eval_batch_size=batch,
-            num_workers=0,
-        )
-        self.data_cfg = data_config(data, crop_size, batch)
+        self.data_cfg = val_data_config(config, crop_size)
         self.global_batch = self.data_cfg.eval_batch_size or self.data_cfg.batch_size
         self.max_items = int(v.max_items)
         self._ds = None

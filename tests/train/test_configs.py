@@ -262,3 +262,15 @@ def test_profile_steps_are_checked():
         config.profile_steps = bad
         with pytest.raises(ValueError, match="profile_steps must be"):
             loop.check_config(config)
+
+
+def test_held_out_data_settings():
+    """The held-out set keeps the training data's preparation but not its index file, which
+    each set would otherwise rewrite for the other (a full rescan at every restart)."""
+    config = cpu_demo.get_config()
+    config.data.index_path = "/tmp/train_index.json"
+    config.data.flip_prob = 0.5
+    val = loop.val_data_config(config, 64)
+    assert val.index_path is None and val.root == config.val.root
+    assert val.flip_prob == 0.0 and val.min_crop_voxels == 1
+    assert val.spacing == tuple(config.data.spacing) and val.eval_batch_size == 4
