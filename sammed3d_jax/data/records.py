@@ -36,6 +36,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -486,6 +487,20 @@ def write_shards(
 
     from sammed3d_jax.data.pipeline import load_index
 
+    # Checked before the index is built and the first case resampled.
+    for name, value, low in (
+        ("records_per_shard", records_per_shard, 1),
+        ("num_workers", num_workers, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if image_codec not in ("raw", "zlib"):
+        raise ValueError(f"image_codec must be 'raw' or 'zlib', got {image_codec!r}")
+    if not re.fullmatch(r"uncompressed|snappy|(zstd|brotli)(:-?\d+)?", str(compression)):
+        raise ValueError(
+            "compression must be 'uncompressed', 'snappy', 'zstd:<level>' or "
+            f"'brotli:<level>', got {compression!r}"
+        )
     index = load_index(cfg)
     items = list(index.items)
     out = Path(out_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -185,6 +186,22 @@ def test_shard_compression_options_decode_identically(converted, tmp_path: Path)
         for i in range(len(ref)):
             np.testing.assert_array_equal(src[i]["image"], ref[i]["image"])
             np.testing.assert_array_equal(src[i]["label"], ref[i]["label"])
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"records_per_shard": 0}, "records_per_shard must be an integer >= 1, got 0"),
+        ({"num_workers": -1}, "num_workers must be an integer >= 0"),
+        ({"image_codec": "png"}, "image_codec must be 'raw' or 'zlib'"),
+        ({"compression": "gzip"}, "compression must be 'uncompressed', 'snappy'"),
+    ],
+)
+def test_bad_shard_options_are_named_before_any_work(converted, tmp_path, kwargs, message):
+    cfg, _ = converted
+    with pytest.raises(ValueError, match=re.escape(message)):
+        R.write_shards(cfg, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
 
 
 def test_shards_reject_other_preprocessing(converted) -> None:
