@@ -55,8 +55,63 @@ class DataLostError(RuntimeError):
     unmounted or deleted data folder) or unreadable."""
 
 
-# Consecutive batches without one readable sample (on this process) that stop training.
+# Consecutive batches without one readable sample (on any process) that stop training.
 MAX_UNREADABLE_BATCHES = 3
+
+
+class _DataLossWatch:
+    """Counts batches in a row in which some process read no sample, and stops the run at
+    `MAX_UNREADABLE_BATCHES`.
+
+    One process decides at once, before the step runs. Several processes must decide
+    together: one that raised alone would leave the others waiting in the next step's
+    collectives. They note each step's flag and compare them when the metrics are flushed
+    (the same steps on every process), so all raise at the same step.
+    """
+
+    def __init__(self, source: str, processes: int):
+        self.source, self.processes = source, processes
+        self.streak, self.who = 0, set()
+        self._flags: list[tuple[int, bool]] = []
+
+    def step(self, step: int, local_mask: np.ndarray) -> None:
+        empty = not bool(np.any(local_mask))
+        if self.processes > 1:
+            self._flags.append((step, empty))
+        else:
+            self.update(step, np.array([empty]))
+
+    def agree(self) -> None:
+        """Compare the flags noted since the last call across processes (collective)."""
+        if self.processes == 1 or not self._flags:
+            return
+        from jax.experimental import multihost_utils
+
+        steps = [s for s, _ in self._flags]
+        local = np.array([e for _, e in self._flags], np.uint8)
+        self._flags.clear()
+        every = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(steps))
+        for i, s in enumerate(steps):
+            self.update(s, every[:, i].astype(bool))
+
+    def update(self, step: int, empty: np.ndarray) -> None:
+        """empty: (processes,) whether each process read no sample for `step`."""
+        if not empty.any():
+            self.streak, self.who = 0, set()
+            return
+        self.streak += 1
+        self.who |= {int(p) for p in np.flatnonzero(empty)}
+        if self.streak >= MAX_UNREADABLE_BATCHES:
+            where = (
+                f" on process(es) {sorted(self.who)} of {self.processes}"
+                if self.processes > 1
+                else ""
+            )
+            raise DataLostError(
+                f"{self.source}: no readable sample in {self.streak} batches in a row{where} "
+                f"at step {step} (files gone or unreadable; see the warnings above); the last "
+                "checkpoint is kept"
+            )
 
 
 def _data_source(cfg: Any) -> str:
@@ -689,6 +744,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
         def flush(force_eval: bool = False) -> None:
             nonlocal last, t_log, wait, steps_since
+            data_loss.agree()
             rows = []
             for s, m in pending:
                 host = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -712,7 +768,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             ev = evaluator(state, config.seed, None)
             writer.write(0, ev)
             log.info("step 0: %s", " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-        unreadable = 0
+        data_loss = _DataLossWatch(_data_source(data_cfg), jax.process_count())
         with _Preemption() as pre, _closing(ckpt, writer):
             while step < total:
                 if profile and step == profile[0] and is_main:
@@ -721,13 +777,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 t0 = time.time()
                 local = _local_arrays(next(it))
                 wait += time.time() - t0
-                unreadable = 0 if local["sample_mask"].any() else unreadable + 1
-                if unreadable >= MAX_UNREADABLE_BATCHES:
-                    raise DataLostError(
-                        f"{_data_source(data_cfg)}: no readable sample in {unreadable} "
-                        f"batches in a row at step {step} (files gone or unreadable; see the "
-                        f"warnings above); the last checkpoint is kept"
-                    )
+                data_loss.step(step, local["sample_mask"])
                 batch = _global_batch(local, mesh, rules, data_cfg.batch_size)
                 state, metrics = step_fn(state, batch, rng)
                 step += 1

@@ -6,6 +6,7 @@ import json
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 
 from configs import cpu_demo, finetune, pretrain
@@ -274,3 +275,24 @@ def test_held_out_data_settings():
     assert val.index_path is None and val.root == config.val.root
     assert val.flip_prob == 0.0 and val.min_crop_voxels == 1
     assert val.spacing == tuple(config.data.spacing) and val.eval_batch_size == 4
+
+
+def test_data_loss_is_decided_over_every_process():
+    """Batches in a row in which any process read no sample stop the run on every process
+    at the same step; one good batch in between resets the count."""
+    watch = loop._DataLossWatch("data.root /d", processes=2)
+    no, host1, both = np.array([False, False]), np.array([False, True]), np.array([True, True])
+    for step, flags in enumerate([host1, host1, no, host1, both]):
+        watch.update(step, flags)
+    with pytest.raises(loop.DataLostError, match=r"3 batches in a row on process\(es\) \[0, 1\]"):
+        watch.update(5, host1)
+    single = loop._DataLossWatch("data.root /d", processes=1)
+    single.step(0, np.array([False, False]))
+    single.step(1, np.array([False, True]))  # one readable sample: the count starts over
+    single.step(2, np.array([False]))
+    single.step(3, np.array([False]))
+    with pytest.raises(
+        loop.DataLostError,
+        match=r"data.root /d: no readable sample in 3 batches in a row at step 4",
+    ):
+        single.step(4, np.array([False, False]))
