@@ -210,6 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         + f": {total} thunks; compiled in {compile_s:.0f} s"
     )
     print("by kind: " + ", ".join(f"{k} {v}" for k, v in by_kind.most_common()))
+    mem = compiled.memory_analysis()
+    memory_gib = None
+    if mem is not None:  # arguments + outputs + temporaries, less the donated aliases
+        memory_gib = (
+            mem.temp_size_in_bytes
+            + mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes
+        ) / 2**30
+        print(f"device memory: {memory_gib:.2f} GiB (XLA memory analysis)")
     for source, n in by_source.most_common(args.top):
         print(f"{n:7d}  {source}")
     result = {
@@ -218,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "clicks": args.clicks if args.target == "step" else None,
         "thunks": total,
+        "memory_gib": memory_gib,
         "by_kind": dict(by_kind.most_common()),
         "by_source": dict(by_source.most_common()),
     }

@@ -57,6 +57,7 @@ class MaskDecoder3D(nnx.Module):
         sparse_mask: Array | None = None,
         return_intermediates: bool = False,
         mask_slice: slice = slice(None),
+        remat_upscaling: bool = True,
     ):
         """Mask-token outputs: masks (B, M', 4g, 4g, 4g) float32 and IoU (B, M').
 
@@ -64,7 +65,8 @@ class MaskDecoder3D(nnx.Module):
         default): only their hypernetworks run, so the training step's single-mask passes do
         not run (and differentiate) the other three. With `return_intermediates`, also a dict
         with the transformer outputs (`transformer_queries` (B, T, C), `transformer_keys`
-        (B, g^3, C)) and the `upscaled_embedding` (B, 4g, 4g, 4g, C/8).
+        (B, g^3, C)) and the `upscaled_embedding` (B, 4g, 4g, 4g, C/8). `remat_upscaling`:
+        recompute the upscaling in the backward pass (see below).
         """
         b = sparse.shape[0]
         output_tokens = jnp.concatenate(
@@ -114,13 +116,13 @@ class MaskDecoder3D(nnx.Module):
             [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in chosen], axis=1
         )  # (B, M', C/8)
         grid = src.reshape(b, *g, -1)
-        if return_intermediates:
+        if return_intermediates or not remat_upscaling:
             x = self._upscale(grid)
             masks = self._mask_product(x, hyper)
         else:
             # Recomputed in the backward pass from the (B, g³, C) grid: the upscaled
             # activations are 8x and 64x the grid's voxels, and the training step's click
-            # loop would otherwise keep them for every pass.
+            # loop (as a device loop) would otherwise keep them stacked for every pass.
             masks = jax.checkpoint(lambda s, h: self._mask_product(self._upscale(s), h))(
                 grid, hyper
             )
@@ -157,6 +159,7 @@ class MaskDecoder3D(nnx.Module):
         dense: Array,
         multimask_output: bool = False,
         sparse_mask: Array | None = None,
+        remat_upscaling: bool = True,
     ) -> tuple[Array, Array]:
         """Decode masks.
 
@@ -166,11 +169,19 @@ class MaskDecoder3D(nnx.Module):
           sparse: (B, T, C) point embeddings; dense: (B, g, g, g, C) mask embeddings.
           multimask_output: False -> mask token 0 only; True -> tokens 1..M-1.
           sparse_mask: optional (B, T) validity of the sparse tokens.
+          remat_upscaling: recompute the upscaled activations in the backward pass (less
+            memory in a device loop over clicks; more kernels).
 
         Returns:
           low-res mask logits (B, 1 or M-1, 4g, 4g, 4g) and IoU predictions (B, 1 or M-1).
         """
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return self.predict_masks(
-            image_embeddings, image_pe, sparse, dense, sparse_mask, mask_slice=sl
+            image_embeddings,
+            image_pe,
+            sparse,
+            dense,
+            sparse_mask,
+            mask_slice=sl,
+            remat_upscaling=remat_upscaling,
         )

@@ -296,10 +296,12 @@ def make_loss_fn(
         r = jax.random.randint(r_key, (), cfg.no_point_low, cfg.no_point_high + 1)
         keys = jax.random.split(click_key, n_iter)
 
-        # Upsampling and loss rematerialised from the low-res logits in the backward pass:
-        # otherwise every pass keeps several full-resolution tensors (sigmoid, exp(-|x|),
-        # masks; 64x the low-res size) stacked for the whole loop.
-        @jax.checkpoint
+        # In a device loop, upsampling and loss (and the decoder's upscaling) are recomputed
+        # in the backward pass: otherwise every pass keeps several full-resolution tensors
+        # (sigmoid, exp(-|x|), masks; 64x the low-res size) stacked for the whole loop.
+        # Unrolled, XLA schedules each pass's residuals itself, and recomputing them only
+        # adds kernels and traffic (H200 program of the original recipe: 6,283 -> 5,964
+        # thunks, 7.65 -> 7.48 GiB; BENCHMARKS.md).
         def full_res_loss(low_logits: Array) -> Array:
             return dice_ce_loss(
                 upsample_logits(low_logits, size),
@@ -328,12 +330,18 @@ def make_loss_fn(
             )
             tok_valid = tok_valid & ~no_point
             new_low, _ = m.mask_decoder(
-                emb, image_pe, sparse, dense, multimask_output=False, sparse_mask=tok_valid
+                emb,
+                image_pe,
+                sparse,
+                dense,
+                multimask_output=False,
+                sparse_mask=tok_valid,
+                remat_upscaling=not cfg.unroll,
             )
             new_low = new_low[:, 0].astype(F32)
             # The carry only feeds click sampling and the logged Dice: no gradient.
             new_full = upsample_logits(jax.lax.stop_gradient(new_low), size)
-            loss = full_res_loss(new_low)
+            loss = (full_res_loss if cfg.unroll else jax.checkpoint(full_res_loss))(new_low)
             n_valid = jnp.sum(valid & sample_mask).astype(F32)
             return (new_low, new_full, pts, labs, slot_valid), (loss, n_valid)
 
