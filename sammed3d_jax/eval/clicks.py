@@ -26,7 +26,10 @@ evaluation)
     training-utility version fails (``on_empty="raise"``).
 
 ``cvpr25_click`` — CVPR 2025 "Foundation Models for Interactive 3D Biomedical Image
-Segmentation" challenge rule (deterministic)
+Segmentation" challenge rule (deterministic), as its evaluation script
+``CVPR25_iter_eval.py`` (JunMa11/CVPR-MedSegFMCompetition) has it since commit 2bbc410 (at
+748e862, the latest read; earlier revisions padded the distance transform's crop by
+``int(0.25·size)`` voxels, possibly 0, and had no half-resolution branch)
     1. Error ``E = (pred != gt)`` on the binary masks of one class (``pred = prev > 0``,
        ``gt > 0``); no error → no click (``None``). The challenge adds no click for that class
        in that round.
