@@ -28,6 +28,7 @@ from sammed3d_jax.checkpoint import (
     load_model,
     model_from_state_dict,
     read_torch_checkpoint,
+    require_known_architecture,
     save_model,
     sha256_file,
 )
@@ -39,19 +40,27 @@ from sammed3d_jax.files import check_output_file
 from sammed3d_jax.model.config import VARIANTS, matching_variant
 
 
-def convert(src: Path, out_dir: Path, overwrite: bool = False, img_size: int | None = None) -> dict:
+def convert(
+    src: Path,
+    out_dir: Path,
+    overwrite: bool = False,
+    img_size: int | None = None,
+    allow_custom_architecture: bool = False,
+) -> dict:
     state_dict, info = read_torch_checkpoint(src)
     overrides = {} if img_size is None else {"img_size": img_size}
     try:
-        model, conv = model_from_state_dict(state_dict, infer_config(state_dict, **overrides))
+        cfg = infer_config(state_dict, **overrides)
+        if not allow_custom_architecture:
+            require_known_architecture(cfg)
+        model, conv = model_from_state_dict(state_dict, cfg)
     except ConversionError as e:
         raise ConversionError(f"{src}: {e}") from e
     variant = matching_variant(model.config)
     if variant is None:
         print(
-            f"warning: {src}: the inferred architecture matches no known variant "
-            f"({', '.join(sorted(VARIANTS))}); check the summary below (a checkpoint missing "
-            "whole blocks converts as a smaller model)",
+            f"warning: {src}: a custom architecture (no known variant: "
+            f"{', '.join(sorted(VARIANTS))}); check the summary below",
             file=sys.stderr,
         )
     report = {
@@ -76,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", action="store_true", help="Flax checkpoint -> .pth")
     parser.add_argument("--bare", action="store_true", help="with --export: bare state dict")
     parser.add_argument("--seed", type=int, default=None, help="random inputs for --verify (0)")
+    parser.add_argument(
+        "--allow-custom-architecture",
+        action="store_true",
+        help="convert weights whose architecture is no known variant (otherwise refused: a "
+        "checkpoint missing whole blocks would convert as a smaller model)",
+    )
     parser.add_argument(
         "--img-size",
         type=int,
@@ -123,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
             require_reference()
         if args.img_size is not None and args.img_size < 1:
             raise CheckpointError(f"--img-size must be >= 1, got {args.img_size}")
-        report = convert(args.src, args.dst, overwrite=args.overwrite, img_size=args.img_size)
+        report = convert(
+            args.src,
+            args.dst,
+            overwrite=args.overwrite,
+            img_size=args.img_size,
+            allow_custom_architecture=args.allow_custom_architecture,
+        )
         cfg = report["config"]
         print(
             f"converted {args.src} -> {args.dst}: {report['num_torch_keys']} keys, "

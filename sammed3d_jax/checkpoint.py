@@ -42,7 +42,7 @@ from sammed3d_jax.convert.torch_to_jax import (
     torch_to_flax_state,
 )
 from sammed3d_jax.files import current_umask, fsync_dir, fsync_tree, replace_durably, temp_prefix
-from sammed3d_jax.model.config import NUMERIC_FIELDS, Sam3DConfig
+from sammed3d_jax.model.config import NUMERIC_FIELDS, VARIANTS, Sam3DConfig, matching_variant
 from sammed3d_jax.model.sam import Sam3D
 
 PARAMS_DIR = "params"
@@ -131,17 +131,52 @@ def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray
 
 
 def model_from_state_dict(
-    state_dict: dict[str, np.ndarray], cfg: Sam3DConfig | None = None, **config_overrides: Any
+    state_dict: dict[str, np.ndarray],
+    cfg: Sam3DConfig | None = None,
+    *,
+    allow_custom_architecture: bool = False,
+    **config_overrides: Any,
 ) -> tuple[Sam3D, Any]:
-    """A `Sam3D` filled from a PyTorch state dict (architecture inferred when cfg is None)."""
+    """A `Sam3D` filled from a PyTorch state dict (architecture inferred when cfg is None).
+
+    An inferred architecture must be a known variant unless `allow_custom_architecture`:
+    the depths are counted from the keys present, so a checkpoint missing its last blocks
+    (or every qkv bias) would otherwise load as a smaller model (ConversionError).
+    """
     if cfg is None:
         cfg = infer_config(state_dict)
+        if not allow_custom_architecture:
+            require_known_architecture(cfg)
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
     nested, report = torch_to_flax_state(state_dict, cfg)
     model = nnx.eval_shape(lambda: Sam3D(cfg, rngs=nnx.Rngs(0)))
     _fill(model, nested)
     return model, report
+
+
+def require_known_architecture(cfg: Sam3DConfig) -> None:
+    """ConversionError unless `cfg`'s architecture is one of the registry's variants."""
+    if matching_variant(cfg) is not None:
+        return
+    shown = ", ".join(
+        f"{k}={getattr(cfg, k)}"
+        for k in (
+            "img_size",
+            "encoder_embed_dim",
+            "encoder_depth",
+            "encoder_global_attn_indexes",
+            "qkv_bias",
+            "decoder_depth",
+            "iou_head_depth",
+        )
+    )
+    raise ConversionError(
+        f"the weights describe an architecture of no known variant ({shown}; known: "
+        f"{', '.join(sorted(VARIANTS))}): a checkpoint missing whole blocks would read as a "
+        "smaller model. If this architecture is intended, allow it (convert_torch_weights.py "
+        "--allow-custom-architecture, load_model(..., allow_custom_architecture=True))"
+    )
 
 
 def _fill(model: Sam3D, nested: dict) -> None:
@@ -401,10 +436,14 @@ def _deep_update(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
-def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
+def load_model(
+    path: str | os.PathLike, *, allow_custom_architecture: bool = False, **config_overrides: Any
+) -> Sam3D:
     """Load a model from a converted checkpoint directory or directly from a `.pth` file.
 
-    A `train.py` workdir also works: its latest checkpoint's parameters are loaded.
+    A `train.py` workdir also works: its latest checkpoint's parameters are loaded. A `.pth`
+    file's architecture is read from its keys and must be a known variant unless
+    `allow_custom_architecture` (see :func:`model_from_state_dict`).
 
     `config_overrides` change numerics only (e.g. ``dtype="bfloat16"``,
     ``window_attention="padded"``); the architecture always comes from the checkpoint.
@@ -425,7 +464,9 @@ def load_model(path: str | os.PathLike, **config_overrides: Any) -> Sam3D:
         except PthError as e:  # not a ValueError: name the file for every caller
             raise CheckpointError(str(e)) from e
         try:
-            model, _ = model_from_state_dict(state_dict, **config_overrides)
+            model, _ = model_from_state_dict(
+                state_dict, allow_custom_architecture=allow_custom_architecture, **config_overrides
+            )
         except ConversionError as e:
             raise CheckpointError(f"{path}: {e}") from e
         return model

@@ -240,10 +240,13 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> Sam3DConfig
     sd = strip_prefix(state_dict)
     keys = list(sd)
 
-    def shape(k: str) -> tuple[int, ...]:
+    def shape(k: str, ndim: int | None = None) -> tuple[int, ...]:
         if k not in sd:
             raise ConversionError(f"cannot infer the architecture: key {k!r} is missing")
-        return tuple(np.shape(sd[k]))
+        s = tuple(np.shape(sd[k]))
+        if ndim is not None and (len(s) != ndim or 0 in s):
+            raise ConversionError(f"{k} has shape {s}; expected {ndim} non-empty dimensions")
+        return s
 
     pe_w = shape("image_encoder.patch_embed.proj.weight")
     if len(pe_w) != 5 or pe_w[2] != pe_w[3] or pe_w[3] != pe_w[4]:
@@ -258,13 +261,18 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> Sam3DConfig
     use_rel_pos = "image_encoder.blocks.0.attn.rel_pos_d" in sd
     grid = None
     if use_abs_pos:
-        pos = shape("image_encoder.pos_embed")
+        pos = shape("image_encoder.pos_embed", 5)
         grid = pos[1]
     sides = []
     if use_rel_pos:
         for i in range(depth):
-            sides.append((shape(f"image_encoder.blocks.{i}.attn.rel_pos_d")[0] + 1) // 2)
-        head_dim = shape("image_encoder.blocks.0.attn.rel_pos_d")[1]
+            sides.append((shape(f"image_encoder.blocks.{i}.attn.rel_pos_d", 2)[0] + 1) // 2)
+        head_dim = shape("image_encoder.blocks.0.attn.rel_pos_d", 2)[1]
+        if embed % head_dim:
+            raise ConversionError(
+                f"image_encoder.blocks.0.attn.rel_pos_d has {head_dim} columns, which do not "
+                f"divide the embedding width {embed}"
+            )
         heads = embed // head_dim
     else:
         heads = overrides.pop("encoder_num_heads", None)
@@ -296,15 +304,15 @@ def infer_config(state_dict: Mapping[str, Any], **overrides: Any) -> Sam3DConfig
     if not use_rel_pos:
         window = overrides.pop("window_size", 0)
         global_idx = tuple(overrides.pop("encoder_global_attn_indexes", ()))
-    lin1 = shape("image_encoder.blocks.0.mlp.lin1.weight")
-    prompt_dim = shape("image_encoder.neck.0.weight")[0]
-    mask_in = shape("prompt_encoder.mask_downscaling.3.weight")[0]
-    mask_tokens = shape("mask_decoder.mask_tokens.weight")[0]
+    lin1 = shape("image_encoder.blocks.0.mlp.lin1.weight", 2)
+    prompt_dim = shape("image_encoder.neck.0.weight", 5)[0]
+    mask_in = shape("prompt_encoder.mask_downscaling.3.weight", 5)[0]
+    mask_tokens = shape("mask_decoder.mask_tokens.weight", 2)[0]
     iou_depth = _count(r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight", keys)
-    iou_hidden = shape("mask_decoder.iou_prediction_head.layers.0.weight")[0]
+    iou_hidden = shape("mask_decoder.iou_prediction_head.layers.0.weight", 2)[0]
     dec_depth = _count(r"mask_decoder\.transformer\.layers\.(\d+)\.", keys)
-    dec_mlp = shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0]
-    cross = shape("mask_decoder.transformer.final_attn_token_to_image.q_proj.weight")[0]
+    dec_mlp = shape("mask_decoder.transformer.layers.0.mlp.lin1.weight", 2)[0]
+    cross = shape("mask_decoder.transformer.final_attn_token_to_image.q_proj.weight", 2)[0]
     fields = dict(
         img_size=grid * patch,
         patch_size=patch,

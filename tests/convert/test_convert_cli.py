@@ -346,7 +346,7 @@ def test_config_that_does_not_fit_the_weights_is_refused(tmp_path, converted):
         assert str(copy) in str(info.value)
 
 
-def test_errors_name_the_file_and_odd_architectures_warn(tmp_path, golden_sd):
+def test_errors_name_the_file_and_odd_architectures_are_refused(tmp_path, golden_sd):
     from sammed3d_jax.checkpoint import CheckpointError
 
     # Another model's weights: the message names the file, for the CLI and load_model.
@@ -356,14 +356,37 @@ def test_errors_name_the_file_and_odd_architectures_warn(tmp_path, golden_sd):
     assert proc.returncode == 2 and str(other) in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(CheckpointError, match=r"other_model\.pth"):
         load_model(other)
-    # A checkpoint that lost a whole block converts, with a warning: no known variant.
-    sd = {k: v for k, v in golden_sd.items() if not k.startswith("image_encoder.blocks.2.")}
-    src = tmp_path / "two_blocks.pth"
-    save_pth(src, sd)
-    proc = run_cli(src, tmp_path / "out_two")
+    # A checkpoint that lost its last block (or every qkv bias) would read as a smaller
+    # model: refused unless the architecture is declared intended.
+    lost = {
+        "two_blocks": {k: v for k, v in golden_sd.items() if ".blocks.2." not in k},
+        "no_qkv_bias": {k: v for k, v in golden_sd.items() if not k.endswith("attn.qkv.bias")},
+    }
+    for name, sd in lost.items():
+        src = tmp_path / f"{name}.pth"
+        save_pth(src, sd)
+        proc = run_cli(src, tmp_path / f"out_{name}")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "architecture of no known variant" in proc.stderr and str(src) in proc.stderr
+        assert not (tmp_path / f"out_{name}").exists()
+        with pytest.raises(CheckpointError, match="no known variant"):
+            load_model(src)
+    proc = run_cli(src, tmp_path / "custom", "--allow-custom-architecture")
     assert proc.returncode == 0, proc.stderr
-    assert "matches no known variant" in proc.stderr and "encoder_depth=2" in proc.stdout
+    assert "custom architecture" in proc.stderr
+    assert not load_model(src, allow_custom_architecture=True).config.qkv_bias
     assert matching_variant(infer_config(golden_sd)) == "small"  # no warning for it
+    # Tensors of the wrong rank: one line naming the key, not an IndexError.
+    for key, value in (
+        ("image_encoder.pos_embed", np.zeros(4, np.float32)),
+        ("image_encoder.blocks.0.attn.rel_pos_d", np.zeros(11, np.float32)),
+        ("image_encoder.blocks.0.attn.rel_pos_d", np.zeros((11, 0), np.float32)),
+    ):
+        src = tmp_path / "bad_rank.pth"
+        save_pth(src, {**golden_sd, key: value})
+        proc = run_cli(src, tmp_path / "out_rank")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{key} has shape {value.shape}" in proc.stderr
 
 
 def test_output_never_replaces_the_source_and_gets_umask_permissions(tmp_path):
