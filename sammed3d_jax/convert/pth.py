@@ -740,7 +740,9 @@ class _SafeUnpickler(pickle.Unpickler):
 # --------------------------------------------------------------------------------------------
 
 # Start of a pre-1.6 torch.save file: protocol 2, then the 10-byte LONG1 magic number.
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+# torch's legacy magic number 0x1950A86A20F9469CFC6C pickled as a long: the first object
+# of a legacy file (after the protocol header, and a frame header from protocol 4 on).
+_LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
 def _open_zip(path: str) -> zipfile.ZipFile:
@@ -755,7 +757,7 @@ def _open_zip(path: str) -> zipfile.ZipFile:
         raise PthError(f"cannot read file: {e.strerror or e}", path) from e
     if not head:
         raise PthCorruptError("file is empty", path)
-    if head.startswith(_LEGACY_MAGIC):
+    if head.startswith(b"\x80") and _LEGACY_MAGIC in head[:24]:
         raise PthLegacyFormatError(
             "legacy (pre-1.6, non-zip) torch.save format is not supported; load it with "
             "torch and re-save it with torch >= 1.6 (the default zip format)",

@@ -277,10 +277,13 @@ def test_ddp_prefixed_keys_are_kept(tmp_path: Path) -> None:
 
 
 @pytest.mark.torch
-def test_legacy_format_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_legacy_format_is_refused(tmp_path: Path, protocol: int) -> None:
     torch = _torch()
     path = tmp_path / "legacy.pth"
-    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    torch.save(
+        {"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol
+    )
     with pytest.raises(PthLegacyFormatError, match=r"torch >= 1\.6") as info:
         load_pth(path)
     assert str(path) in str(info.value)
