@@ -121,13 +121,19 @@ def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray
     obj = load_pth(path)
     state_dict, where = find_state_dict(obj, path=path)
     state_dict = dict(state_dict)
-    prefixed = bool(state_dict) and all(k.startswith("module.") for k in state_dict)
-    info: dict[str, Any] = {"weights_found_at": where, "ddp_prefix_stripped": prefixed}
+    stripped = strip_prefix(state_dict)
+    first, first_stripped = next(iter(state_dict), ""), next(iter(stripped), "")
+    prefix = first[: len(first) - len(first_stripped)]
+    info: dict[str, Any] = {
+        "weights_found_at": where,
+        "ddp_prefix_stripped": "module." in prefix,
+        "prefix_stripped": prefix,  # DDP's "module.", torch.compile's "_orig_mod.", nested
+    }
     if isinstance(obj, dict) and where != "top level":
         info["other_top_level_keys"] = sorted(str(k) for k in obj if k != "model_state_dict")
         if "epoch" in obj and isinstance(obj["epoch"], int):
             info["epoch"] = obj["epoch"]
-    return strip_prefix(state_dict), info
+    return stripped, info
 
 
 def model_from_state_dict(

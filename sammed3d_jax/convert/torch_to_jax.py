@@ -44,12 +44,20 @@ class ConversionError(ValueError):
     """A state dict does not match the model; the message lists every problem."""
 
 
-def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
-    """Remove a DDP-style prefix when every key carries it."""
-    keys = list(state_dict)
-    if keys and all(k.startswith(prefix) for k in keys):
-        return {k[len(prefix) :]: v for k, v in state_dict.items()}
-    return dict(state_dict)
+def strip_prefix(
+    state_dict: Mapping[str, Any], prefixes: tuple[str, ...] = ("module.", "_orig_mod.")
+) -> dict[str, Any]:
+    """Remove wrapper prefixes that every key carries: DDP's ``module.`` and
+    ``torch.compile``'s ``_orig_mod.``, in any nesting."""
+    out = dict(state_dict)
+    stripped = True
+    while out and stripped:
+        stripped = False
+        for prefix in prefixes:
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                stripped = True
+    return out
 
 
 def _flat_leaves(tree: Any) -> dict[tuple, Any]:

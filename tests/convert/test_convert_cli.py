@@ -82,15 +82,20 @@ def test_load_model_overrides_numerics_only(converted):
                 load_model(path, **bad)
 
 
-@pytest.mark.parametrize("layout", ["bare", "ddp"])
-def test_other_layouts_convert(tmp_path, golden_sd, layout):
-    sd = golden_sd if layout == "bare" else {f"module.{k}": v for k, v in golden_sd.items()}
-    src = tmp_path / f"{layout}.pth"
-    save_pth(src, sd)
+@pytest.mark.parametrize(
+    "prefix",
+    ["", "module.", "_orig_mod.", "module._orig_mod."],
+    ids=["bare", "ddp", "compiled", "both"],
+)
+def test_other_layouts_convert(tmp_path, golden_sd, prefix):
+    """Wrapper prefixes of DDP and torch.compile (a compiled model's state dict) go."""
+    src = tmp_path / "weights.pth"
+    save_pth(src, {f"{prefix}{k}": v for k, v in golden_sd.items()})
     proc = run_cli(src, tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
-    assert report["ddp_prefix_stripped"] is (layout == "ddp")
+    assert report["prefix_stripped"] == prefix
+    assert report["ddp_prefix_stripped"] is ("module." in prefix)
 
 
 @pytest.mark.parametrize(
