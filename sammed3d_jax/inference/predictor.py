@@ -416,6 +416,30 @@ class Predictor:
         self._last_points: np.ndarray | None = None  # canonical clicks of the last call
         self._image_token: object | None = None
 
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        *,
+        spacing: float | Sequence[float] | None = None,
+        embedding_cache_size: int = 8,
+        **config_overrides: Any,
+    ) -> Predictor:
+        """A predictor for a checkpoint on the grid its model was trained on.
+
+        ``path``: anything :func:`~sammed3d_jax.checkpoint.load_model` reads (a converted
+        checkpoint, a `.pth` file, a `train.py` workdir). ``spacing`` defaults to the one a
+        workdir recorded (``data.spacing``), else the released models' 1.5 mm, as the segment
+        and evaluate commands choose it. ``config_overrides``: numerics for ``load_model``
+        (e.g. ``dtype="bfloat16"``).
+        """
+        from sammed3d_jax.checkpoint import load_model, recorded_spacing
+
+        model = load_model(path, **config_overrides)
+        if spacing is None:
+            spacing = recorded_spacing(path) or DEFAULT_SPACING
+        return cls(model, spacing=spacing, embedding_cache_size=embedding_cache_size)
+
     # ---------------------------------------------------------------- image
 
     def set_image(self, image: Volume | str | os.PathLike) -> None:

@@ -315,3 +315,16 @@ def test_spacing_default_comes_from_the_training_run(paths, tmp_path):
     (broken / "config.json").write_text("{not json")
     with pytest.raises(RunnerError, match=r"no valid data\.spacing"):
         resolve_spacing(None, broken)
+
+
+def test_predictor_from_checkpoint_uses_the_recorded_spacing(paths, tmp_path, monkeypatch):
+    """The Python API picks the grid as the commands do: a training run's own spacing."""
+    import sammed3d_jax.checkpoint as checkpoint
+    from sammed3d_jax.inference import Predictor
+
+    model = checkpoint.load_model(paths["ckpt"])
+    run = _fake_run(tmp_path / "run", [3.0, 3.0, 2.5])
+    monkeypatch.setattr(checkpoint, "load_model", lambda path, **kw: model)
+    assert Predictor.from_checkpoint(run).spacing == (3.0, 3.0, 2.5)
+    assert Predictor.from_checkpoint(run, spacing=2.0).spacing == (2.0, 2.0, 2.0)
+    assert Predictor.from_checkpoint(paths["ckpt"]).spacing == (1.5, 1.5, 1.5)
