@@ -362,7 +362,9 @@ def _check_declared_config(folder: Path, cfg: Sam3DConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sammed3d_jax.parity", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("folders", nargs="+", type=Path, help="golden folders")
     parser.add_argument(
         "--window-attention",
