@@ -638,6 +638,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             workdir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from e
+    with _workdir_lock(workdir, is_main):
+        return _train_in(config, workdir, cfg, is_main)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path, is_main: bool) -> Iterator[None]:
+    """One run per workdir: a second `train.py` started on a workdir in use (a restarted job
+    while the old one still runs) would interleave checkpoints and metrics with it. The main
+    process holds an advisory lock on ``W/.lock`` for the run; file systems without locks
+    are accepted as they are."""
+    if not is_main:
+        yield
+        return
+    import fcntl
+
+    path = workdir / ".lock"
+    try:
+        fh = open(path, "a+")  # held for the whole run
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir}: cannot create {path.name} ({e.strerror})") from e
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            owner = fh.read().strip()
+            raise ValueError(
+                f"--workdir {workdir}: another training run is using it"
+                + (f" ({owner})" if owner else "")
+                + "; stop it first or use another --workdir"
+            ) from None
+        except OSError as e:  # no locks on this file system
+            log.warning("--workdir %s: cannot lock %s (%s); not checked", workdir, path, e)
+        else:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+            fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def _train_in(
+    config: ml_collections.ConfigDict, workdir: Path, cfg: Sam3DConfig, is_main: bool
+) -> dict:
     log.info(
         "jax %s, process %d/%d, %d devices (%d local): %s",
         jax.__version__,

@@ -296,3 +296,18 @@ def test_data_loss_is_decided_over_every_process():
         match=r"data.root /d: no readable sample in 3 batches in a row at step 4",
     ):
         single.step(4, np.array([False, False]))
+
+
+def test_a_workdir_in_use_is_refused(tmp_path):
+    """A second run on a workdir whose run still holds it stops before building anything."""
+    import fcntl
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(workdir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345 on elsewhere\n")
+        held.flush()
+        with pytest.raises(ValueError, match=r"another training run is using it \(pid 12345"):
+            loop.train_and_evaluate(cpu_demo.get_config(), workdir)
+    assert not (workdir / "checkpoints").exists()
