@@ -35,7 +35,12 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.profile_train_step import build_target, parse_stack_frames, source_of
+from benchmarks.profile_train_step import (
+    build_target,
+    compiled_memory_gib,
+    parse_stack_frames,
+    source_of,
+)
 
 # Device descriptions (XLA's GpuTargetConfig) of the cards this project was measured on.
 _DEVICE_INFO = {
@@ -210,15 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         + f": {total} thunks; compiled in {compile_s:.0f} s"
     )
     print("by kind: " + ", ".join(f"{k} {v}" for k, v in by_kind.most_common()))
-    mem = compiled.memory_analysis()
-    memory_gib = None
-    if mem is not None:  # arguments + outputs + temporaries, less the donated aliases
-        memory_gib = (
-            mem.temp_size_in_bytes
-            + mem.argument_size_in_bytes
-            + mem.output_size_in_bytes
-            - mem.alias_size_in_bytes
-        ) / 2**30
+    memory_gib = compiled_memory_gib(compiled)
+    if memory_gib is not None:
         print(f"device memory: {memory_gib:.2f} GiB (XLA memory analysis)")
     for source, n in by_source.most_common(args.top):
         print(f"{n:7d}  {source}")

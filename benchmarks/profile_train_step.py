@@ -177,6 +177,20 @@ def op_times(
     return collections.Counter(), collections.Counter()
 
 
+def compiled_memory_gib(compiled: Any) -> float | None:
+    """Device memory of a compiled program by XLA's analysis: arguments + outputs +
+    temporaries, less the donated aliases (None where the backend gives no analysis)."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    return (
+        mem.temp_size_in_bytes
+        + mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+    ) / 2**30
+
+
 def build_target(
     *,
     target: str,
@@ -285,15 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     compiled = fn.lower(state, *inputs).compile()
     if args.dump_hlo:
         Path(args.dump_hlo).write_text(compiled.as_text())
-    mem = compiled.memory_analysis()
-    memory_gib = None
-    if mem is not None:  # arguments + outputs + temporaries, less the donated aliases
-        memory_gib = (
-            mem.temp_size_in_bytes
-            + mem.argument_size_in_bytes
-            + mem.output_size_in_bytes
-            - mem.alias_size_in_bytes
-        ) / 2**30
+    memory_gib = compiled_memory_gib(compiled)
+    if memory_gib is not None:
         print(f"compiled {args.target}: {memory_gib:.2f} GiB (XLA memory analysis)")
     if args.memory_only:
         print(json.dumps({"batch": args.batch, "compiled_gib": memory_gib}))
