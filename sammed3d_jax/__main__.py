@@ -93,7 +93,7 @@ def _segment(args: argparse.Namespace) -> int:
     from sammed3d_jax.checkpoint import load_model
     from sammed3d_jax.data.nifti import load_volume, save_mask
     from sammed3d_jax.eval.runner import resolve_spacing
-    from sammed3d_jax.files import check_output_file
+    from sammed3d_jax.files import atomic_path, check_output_file
     from sammed3d_jax.inference.overlay import save_overlay_png
     from sammed3d_jax.inference.predictor import Predictor, PredictorError, check_clicks
 
@@ -145,17 +145,22 @@ def _segment(args: argparse.Namespace) -> int:
         detail = f"ROI start {result.roi_start.tolist()}" + (
             f", {dropped} click(s) outside the ROI ignored" if dropped else ""
         )
-    save_mask(args.out, mask, image)
-    if args.png is not None:
-        save_overlay_png(
-            args.png,
-            image.array,
-            image.affine,
-            mask,
-            voxels,
-            labels,
-            title=f"{args.image.name}: {int(mask.sum())} voxels",
-        )
+    if args.png is None:
+        save_mask(args.out, mask, image)
+    else:
+        # The overlay is drawn into its temporary name first and renamed only after the mask is
+        # written: a failure in either leaves neither output, so a rerun needs no --overwrite.
+        with atomic_path(args.png, suffix=".png") as png_tmp:
+            save_overlay_png(
+                png_tmp,
+                image.array,
+                image.affine,
+                mask,
+                voxels,
+                labels,
+                title=f"{args.image.name}: {int(mask.sum())} voxels",
+            )
+            save_mask(args.out, mask, image)
     grid = "x".join(f"{v:g}" for v in spacing)
     print(f"wrote {args.out}: {int(mask.sum())} foreground voxels, {detail}, {grid} mm grid")
     return 0

@@ -252,6 +252,35 @@ def test_segment_replaces_an_existing_output_only_with_overwrite(paths, tmp_path
     assert png.stat().st_size > 1000
 
 
+@pytest.mark.parametrize("failing", ["overlay", "mask"])
+def test_segment_failing_output_leaves_neither_file(failing, paths, tmp_path, capsys, monkeypatch):
+    """Mask and overlay land together: a rerun after a failure needs no --overwrite."""
+    import errno
+
+    from sammed3d_jax.data import nifti
+    from sammed3d_jax.inference import overlay
+
+    module, name = (overlay, "save_overlay_png") if failing == "overlay" else (nifti, "save_mask")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module, name, full_disk)
+    out, png = tmp_path / "m.nii.gz", tmp_path / "m.png"
+    argv = ["segment", "--image", str(paths["image"]), "--checkpoint", str(paths["ckpt"])]
+    code, _, err = _run(
+        [*argv, "--point", "30,27,26", "--out", str(out), "--png", str(png)], capsys
+    )
+    assert code == 2 and "No space left" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    code, _, err = _run(
+        [*argv, "--point", "30,27,26", "--out", str(out), "--png", str(png)], capsys
+    )
+    assert code == 0, err
+    assert out.exists() and png.stat().st_size > 1000
+
+
 @pytest.mark.parametrize(
     "point", ["1,2", "1,2,3,7", "x,2,3", "1;2;3", "1,2,3,1,0"], ids=lambda p: repr(p)
 )
