@@ -220,9 +220,14 @@ def _initial_params(config, cfg: Sam3DConfig, abstract_state: nnx.State) -> tupl
         src = load_model(config.init_from, **numerics)
         loaded = src.config.replace(**numerics)
         if loaded != cfg:
+            differ = ", ".join(
+                f"{f.name}={getattr(loaded, f.name)!r} (config.model: {getattr(cfg, f.name)!r})"
+                for f in dataclasses.fields(cfg)
+                if getattr(loaded, f.name) != getattr(cfg, f.name)
+            )
             raise ValueError(
-                f"init_from {config.init_from}: its architecture differs from config.model "
-                f"({loaded} vs {cfg})"
+                f"init_from {config.init_from}: its architecture differs from config.model: "
+                f"{differ}"
             )
         return nnx.to_pure_dict(nnx.state(src)), f"init_from {config.init_from}"
     return host_init(nnx.to_pure_dict(abstract_state), config.seed), f"random (seed {config.seed})"
@@ -713,6 +718,12 @@ def _train_in(
     param_sh = sh.state_shardings(abstract_params, mesh, rules)
     rest_sh = sh.state_shardings(abstract_rest, mesh, rules)
 
+    initial = None
+    if not (workdir / "checkpoints").is_dir():
+        # A fresh run loads (and checks) its initial weights before the checkpoint folder is
+        # made: a refused init_from leaves the workdir as it was.
+        with sh.use_mesh(mesh, rules):
+            initial = _initial_params(config, cfg, nnx.state(abstract))
     ckpt = TrainCheckpointer(
         workdir, config.checkpoint_every, config.keep_checkpoints, config.async_checkpointing
     )
@@ -727,7 +738,7 @@ def _train_in(
     with sh.use_mesh(mesh, rules):
         # Initial values are placed shard by shard; nothing is gathered on one device.
         if latest is None:
-            pure, origin = _initial_params(config, cfg, nnx.state(abstract))
+            pure, origin = initial or _initial_params(config, cfg, nnx.state(abstract))
         else:
             pure, origin = host_init(nnx.to_pure_dict(nnx.state(abstract)), 0), "checkpoint"
         full = nnx.state(abstract)

@@ -257,11 +257,17 @@ def test_rerun_without_checkpoint_rewrites_the_metrics(tmp_path):
     assert [r["step"] for r in rows] == [1] and rows[0]["train/loss"] != 123.0
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path):
+def test_bad_inputs_are_one_line_errors(tmp_path, fixtures_dir):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
+    other = fixtures_dir / "golden_small" / "checkpoint_train_format.pth"  # a larger model
     for extra, workdir, message in (
         ([f"--config.init_from={bad}"], tmp_path / "w1", f"{bad}: not a zip archive"),
+        (
+            [f"--config.init_from={other}"],
+            tmp_path / "w0",
+            "its architecture differs from config.model: encoder_embed_dim=96 (config.model: 48)",
+        ),
         ([], "gs://bucket/run", "--workdir=gs://bucket/run: URLs are not supported"),
         (["--config.data.records=s3://b/shards"], tmp_path / "w3", "data.records=s3://b/shards"),
         ([f"--config.val.root={tmp_path}/nope"], tmp_path / "w4", f"val.root {tmp_path}/nope:"),
@@ -270,7 +276,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         proc = run(workdir, 1, *extra)
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "w1" / "config.json").exists()  # a failed start leaves no config
+    for refused in ("w0", "w1"):  # a refused start leaves neither a config nor checkpoints/
+        assert {p.name for p in (tmp_path / refused).iterdir()} <= {".lock"}
 
 
 def test_bad_config_flags_are_one_line_errors(tmp_path):
