@@ -100,7 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
             cache_items=0,
         )
     )
-    # Held-out data for periodic validation ("" = none).
+    # Held-out data for periodic validation ("" = none); max_items: a fixed sample of that many
+    # items spread over the whole held-out list (0 = all of them).
     c.val = ml_collections.ConfigDict(
         dict(root="", records="", splits=("Tr",), max_items=64, clicks=(1, 5), batch_size=0)
     )

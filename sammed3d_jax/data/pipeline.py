@@ -724,6 +724,19 @@ class _PaddedSource:
         return self._source[index] if index < self._n else _Padding()
 
 
+class _Subset:
+    """The elements of ``source`` at ``indices`` (random access)."""
+
+    def __init__(self, source: Sequence[Any], indices: np.ndarray):
+        self._source, self._indices = source, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int):
+        return self._source[self._indices[index]]
+
+
 def _rng(seed: int, position: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) % 2**64, int(position)])
 
@@ -941,12 +954,18 @@ def make_eval_dataset(
     cfg: DataConfig,
     process_index: int | None = None,
     process_count: int | None = None,
+    max_items: int = 0,
 ) -> grain.IterDataset:
     """One deterministic pass over all items: no shuffle, no flips, padded last batch.
 
     The item list is padded to whole global batches with zero examples (``valid=False``,
     ``item=-1``) so every process yields the same number of equally shaped batches; process
     ``p`` takes items ``p, p + P, ...``. CT clamping follows ``cfg.clamp_ct``.
+
+    Args:
+      max_items: when > 0 and below the number of items, a fixed sample of that many items
+        drawn uniformly over the whole list (the same one on every call), not its first
+        items: those would come from the first datasets / classes of a sorted list only.
 
     Returns:
       A finite grain ``IterDataset`` of batches shaped like :func:`make_train_dataset`'s.
@@ -957,6 +976,9 @@ def make_eval_dataset(
     source, prepare = open_source(cfg)
     if len(source) == 0:
         raise LayoutError(f"{_source_name(cfg)}: no evaluation records")
+    if 0 < max_items < len(source):
+        picked = np.random.default_rng(0).choice(len(source), int(max_items), replace=False)
+        source = _Subset(source, np.sort(picked))  # in list order: a case's items stay adjacent
     total = math.ceil(len(source) / global_batch) * global_batch
     augment = augment_transforms(cfg.clamp_ct, cfg.ct_range, flip_prob=0.0)  # type: ignore[arg-type]
     ds = grain.MapDataset.source(_PaddedSource(source, total))

@@ -337,9 +337,9 @@ class Evaluator:
     def __call__(self, state: TrainState, seed: int, png: Path | None) -> dict[str, float]:
         if self._ds is None:  # built once: its prepared-item cache lives across evaluations
             shard = sh.process_batch_shard(self.mesh, self.global_batch, self.rules)
-            self._ds = make_eval_dataset(self.data_cfg, *shard)
+            self._ds = make_eval_dataset(self.data_cfg, *shard, max_items=self.max_items)
         ds = self._ds
-        dice, seen, first = [], 0, None
+        dice, first = [], None
         for batch in ds:
             local = _local_arrays(batch)
             g = _global_batch(local, self.mesh, self.rules, self.global_batch)
@@ -369,9 +369,6 @@ class Evaluator:
                     np.asarray(out["logits"].addressable_shards[0].data[0]),
                     np.asarray(out["points"].addressable_shards[0].data[0]),
                 )
-            seen += int(valid.sum())
-            if seen >= self.max_items:
-                break
         if first is not None:
             save_prediction_png(png, *first)
         all_dice = np.concatenate(dice) if dice else np.zeros((0, max(self.clicks)))
@@ -462,6 +459,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if isinstance(val_batch, bool) or not isinstance(val_batch, int) or val_batch < 0:
         raise ValueError(
             f"val.batch_size must be an integer >= 0 (0: data.batch_size), got {val_batch!r}"
+        )
+    max_items = config.val.get("max_items", 0)
+    if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0:
+        raise ValueError(
+            f"val.max_items must be an integer >= 0 (0: every held-out item), got {max_items!r}"
         )
     clicks = tuple(config.val.clicks)
     if not clicks or any(not isinstance(c, int) or c < 1 for c in clicks):

@@ -400,6 +400,24 @@ def test_eval_dataset_is_deterministic_padded_and_unflipped(tmp_path: Path) -> N
     assert sorted(seen) == [0, 1, 2, 3, 4]
 
 
+def test_eval_sample_spreads_over_the_whole_list(tmp_path: Path) -> None:
+    """``max_items`` takes a fixed sample of the whole list, not its first items."""
+    ds = make_dataset(tmp_path, n_cases=6)
+    cfg = _cfg(ds, eval_batch_size=4)
+    total = len(P.load_index(cfg).items)
+    assert total >= 12  # a cube and a rod per case
+
+    def valid_items(max_items: int) -> list[int]:
+        batches = P.make_eval_dataset(cfg, 0, 1, max_items=max_items)
+        return [int(i) for b in batches for i, v in zip(b["item"], b["valid"]) if v]
+
+    sample = valid_items(5)
+    assert len(sample) == 5 and sample == sorted(set(sample))
+    assert max(sample) >= 5, sample  # reaches past the first five items (the first cases)
+    assert valid_items(5) == sample  # the same sample at every evaluation
+    assert valid_items(0) == valid_items(total) == list(range(total))
+
+
 @pytest.mark.parametrize(
     "field,value", [("num_workers", -1), ("cache_items", -5), ("prefetch_batches", 1.5)]
 )

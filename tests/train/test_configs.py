@@ -154,6 +154,10 @@ def test_bad_data_values_are_named():
     config.val.clicks = (0,)
     with pytest.raises(ValueError, match=r"val\.clicks"):
         loop.check_config(config)
+    config = cpu_demo.get_config()
+    config.val.max_items = -1
+    with pytest.raises(ValueError, match=r"val\.max_items must be an integer >= 0"):
+        loop.check_config(config)
     with pytest.raises(ValueError, match=r"data\.spacing"):
         DataConfig(spacing=(0.0, 3.0, 3.0))
     config = cpu_demo.get_config()
