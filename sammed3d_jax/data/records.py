@@ -39,7 +39,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -444,6 +444,28 @@ def case_works(index: Any, prepare: dict[str, Any], image_codec: str = "raw") ->
     ]
 
 
+def ordered_map(
+    pool: futures.Executor, fn: Callable[[Any], Any], works: Sequence[Any], ahead: int
+) -> Iterator[Any]:
+    """``map(fn, works)`` on ``pool`` in order, with at most ``ahead`` works in flight.
+
+    ``Executor.map`` submits every work at once: results finished behind a slow case
+    pile up in memory (prepared volumes, megabytes each) until that case is written.
+    """
+    pending: collections.deque = collections.deque()
+    queue = iter(works)
+    for work in queue:
+        pending.append(pool.submit(fn, work))
+        if len(pending) >= ahead:
+            break
+    while pending:
+        result = pending.popleft().result()
+        for work in queue:  # one more in flight for the one taken
+            pending.append(pool.submit(fn, work))
+            break
+        yield result
+
+
 def _case_groups(items: Sequence[Any]) -> Iterator[list[Any]]:
     """Consecutive items that share image and label files."""
     group: list[Any] = []
@@ -519,7 +541,7 @@ def write_shards(
         pool = futures.ProcessPoolExecutor(
             num_workers, mp_context=multiprocessing.get_context("spawn")
         )
-        encoded = pool.map(_encode_case, works, chunksize=1)
+        encoded = ordered_map(pool, _encode_case, works, ahead=2 * num_workers)
     else:
         encoded = map(_encode_case, works)
     shards, written, writer = [], 0, None
@@ -543,8 +565,8 @@ def write_shards(
     finally:
         if writer is not None:
             writer.close()
-        if pool is not None:
-            pool.shutdown()
+        if pool is not None:  # after an error, cases not started yet are dropped
+            pool.shutdown(cancel_futures=True)
     if written != len(items):
         raise RuntimeError(f"wrote {written} records for {len(items)} items")
     if not shards:  # an empty dataset still gets one (empty) shard for a consistent layout

@@ -401,3 +401,26 @@ def test_parallel_conversion_matches_serial(converted, tmp_path: Path) -> None:
     )
     a, b = R.ShardSource(out), R.ShardSource(tmp_path / "par")
     assert [a.read_bytes(i) for i in range(len(a))] == [b.read_bytes(i) for i in range(len(b))]
+
+
+def test_ordered_map_keeps_order_and_bounds_the_work_in_flight() -> None:
+    """Conversion workers run at most ``ahead`` cases past the one being written."""
+    import threading
+    from concurrent import futures
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> int:
+        with lock:
+            started.append(i)
+        return i * i
+
+    with futures.ThreadPoolExecutor(4) as pool:
+        out = []
+        for n, result in enumerate(R.ordered_map(pool, work, range(20), ahead=3)):
+            # submitted: this result, the two after it, and the one that replaced it
+            assert len(started) <= n + 4, (n, started)
+            out.append(result)
+        assert list(R.ordered_map(pool, work, [], ahead=2)) == []
+    assert out == [i * i for i in range(20)]
