@@ -101,10 +101,12 @@ def time_pipeline(cfg: DataConfig, warmup: int, batches: int) -> dict[str, float
     for _ in range(warmup):
         next(it)
     t0, c0 = time.perf_counter(), _cpu_seconds()
-    valid = 0
+    valid, ends = 0, []
     for _ in range(batches):
         valid += int(np.sum(next(it)["valid"]))
+        ends.append(time.perf_counter())
     dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    per_batch = np.diff([t0, *ends])
     vols = batches * cfg.batch_size
     workers = max(1, cfg.num_workers)
     del it
@@ -114,6 +116,12 @@ def time_pipeline(cfg: DataConfig, warmup: int, batches: int) -> dict[str, float
         "seconds": round(dt, 3),
         "volumes_per_s": round(vols / dt, 2),
         "volumes_per_s_per_worker": round(vols / dt / workers, 2),
+        # The rate above is over the whole window (items differ in cost); the spread of
+        # single batches shows how steady it was.
+        "batch_seconds": {
+            q: round(float(f(per_batch)), 3)
+            for q, f in (("min", np.min), ("median", np.median), ("max", np.max))
+        },
         # Robust to other load on the machine: volumes per CPU-second spent by the pipeline.
         "volumes_per_cpu_s": round(vols / cpu, 2) if cpu > 0 else None,
     }
@@ -159,7 +167,7 @@ def main() -> None:
     ap.add_argument("--shared", default=None)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--raw-batches", type=int, default=4)
+    ap.add_argument("--raw-batches", type=int, default=8)
     ap.add_argument("--shard-batches", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compression", default="zstd:1")

@@ -7,9 +7,9 @@ On the CPU machines of this project a figure moves by up to ±20 % between proce
 same script (BENCHMARKS.md), more than within one process; one run's ratio therefore says
 little about how often a target is met. This runs `run.py` with the arguments after ``--``
 in N processes one after the other and prints, for every numeric figure, the median, the
-minimum and the maximum over the processes, and for each ``ratio_*`` figure how many
-processes measured it at or below ``--target`` (default 0.05, the CPU encoder target).
-The last line printed is one JSON object.
+minimum and the maximum over the processes, and for each figure with a target (run.py's
+``targets``: the performance issue's bounds, each with its direction) how many processes
+met it. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def spread(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
-    """Per numeric key (present in every result): median, min, max; ratios: how many met
-    ``target`` (<=)."""
+def spread(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per numeric key (present in every result): median, min, max; for keys with a target
+    in every result's ``targets``: the bound, its direction and how many met it."""
     out: dict[str, Any] = {"processes": len(results)}
     keys = sorted(set.intersection(*(set(r) for r in results))) if results else []
     for key in keys:
@@ -41,8 +41,11 @@ def spread(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
             "max": max(values),
             "values": values,
         }
-        if key.startswith("ratio_"):
-            out[key]["met"] = sum(v <= target for v in values)
+        marks = [r.get("targets", {}).get(key) for r in results]
+        if all(marks):
+            out[key]["target"] = marks[0]["target"]
+            out[key]["better"] = marks[0]["better"]
+            out[key]["met"] = sum(bool(m["met"]) for m in marks)
     return out
 
 
@@ -55,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         own, passed = argv, []
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=5)
-    parser.add_argument("--target", type=float, default=0.05, help="ratio counted as met")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(own)
     if args.processes < 1:
@@ -73,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             results.append(json.loads(out.read_text()))
             print(f"[process {i + 1}/{args.processes}] done", file=sys.stderr, flush=True)
-    summary = spread(results, args.target)
+    summary = spread(results)
     summary["run_args"] = passed
     for key, s in summary.items():
         if isinstance(s, dict) and (key.startswith("ratio_") or key.endswith("_ms")):
-            met = f", {s['met']}/{len(s['values'])} <= {args.target}" if "met" in s else ""
+            met = ""
+            if "met" in s:
+                sign = "<=" if s["better"] == "lower" else ">="
+                met = f", {s['met']}/{len(s['values'])} {sign} {s['target']:.4g}"
             print(f"{key}: median {s['median']:.4g} (min {s['min']:.4g}, max {s['max']:.4g}{met})")
     if args.out:
         args.out.write_text(json.dumps(summary, sort_keys=True) + "\n")

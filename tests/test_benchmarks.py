@@ -47,14 +47,55 @@ def test_cpu_model_names_the_generation(tmp_path):
 
 def test_spread_over_processes():
     from benchmarks.repeat_processes import spread
+    from benchmarks.run import target_report
 
     runs = [
         {"ratio_encoder_b1": 0.048, "encoder_b1_ms": 284.0, "device": "cpu", "only_here": 1},
         {"ratio_encoder_b1": 0.052, "encoder_b1_ms": 310.0, "device": "cpu"},
         {"ratio_encoder_b1": 0.049, "encoder_b1_ms": 290.0, "device": "cpu"},
     ]
-    s = spread(runs, target=0.05)
+    for r in runs:
+        r["targets"] = target_report(r, "cpu")
+    s = spread(runs)
     assert s["processes"] == 3 and "device" not in s and "only_here" not in s
     r = s["ratio_encoder_b1"]
     assert (r["median"], r["min"], r["max"], r["met"]) == (0.049, 0.048, 0.052, 2)
+    assert (r["target"], r["better"]) == (0.05, "lower")
     assert s["encoder_b1_ms"]["median"] == 290.0 and "met" not in s["encoder_b1_ms"]
+
+
+def test_targets_know_their_direction():
+    """A throughput ratio meets its target from above, a time ratio from below."""
+    from benchmarks.run import target_report
+
+    marks = target_report(
+        {
+            "ratio_train_throughput": 10.5,
+            "ratio_click_b1": 0.13,
+            "ratio_encoder_best_throughput_vs_compiled": 17.3,
+            "ratio_train_peak_memory": 0.3,
+        },
+        "gpu",
+    )
+    assert {k: m["met"] for k, m in marks.items()} == {
+        "ratio_train_throughput": False,
+        "ratio_click_b1": True,
+        "ratio_encoder_best_throughput_vs_compiled": True,
+        "ratio_train_peak_memory": False,
+    }
+    assert marks["ratio_train_throughput"]["better"] == "higher"
+
+
+def test_a_side_failing_at_warm_up_keeps_the_other_timed():
+    errors: dict[str, str] = {}
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory")
+
+    times = interleaved_medians(
+        {"ours": (lambda: 1, lambda o: o), "torch": (out_of_memory, lambda o: o)}, 2, errors
+    )
+    assert set(times) == {"ours"}
+    assert errors == {"torch": "RuntimeError: CUDA out of memory"}
+    with pytest.raises(RuntimeError, match="out of memory"):  # without `errors`: raises
+        interleaved_medians({"torch": (out_of_memory, lambda o: o)}, 2)
