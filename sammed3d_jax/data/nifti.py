@@ -51,12 +51,16 @@ class Volume:
       path: the file it came from (None when built in memory).
       header: the NIfTI header it was read with, kept so masks can be written on the same
         grid with the same qform/sform codes (None when built in memory).
+      mm_per_unit: millimetres per unit of the file's spatial coordinates (its
+        ``xyzt_units``: 1000 for metres, 0.001 for microns, else 1); ``affine`` is already
+        in mm, masks are written back in the file's units.
     """
 
     array: np.ndarray
     affine: np.ndarray
     path: Path | None = None
     header: nib.Nifti1Header | None = dataclasses.field(default=None, repr=False)
+    mm_per_unit: float = 1.0
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -75,7 +79,7 @@ class Volume:
         except in files whose matrix and ``pixdim`` disagree."""
         if self.header is None:
             return self.spacing
-        zooms = np.asarray(self.header.get_zooms()[:3], dtype=np.float64)
+        zooms = np.asarray(self.header.get_zooms()[:3], dtype=np.float64) * self.mm_per_unit
         return zooms if zooms.shape == (3,) and np.all(zooms > 0) else self.spacing
 
 
@@ -136,7 +140,22 @@ def load_volume(path: str | os.PathLike, *, kind: Literal["image", "label"] = "i
     check_affine(affine, p)
     header = img.header.copy()
     affine = _with_header_spacing(affine, header)
-    return Volume(array=array, affine=affine, path=p, header=header)
+    mm_per_unit = _MM_PER_UNIT.get(header.get_xyzt_units()[0], 1.0)
+    if mm_per_unit != 1.0:
+        # NIfTI states pixdim, the quaternion offsets and the sform rows in xyzt_units;
+        # nibabel hands them over unconverted, ITK scales them to mm (as here).
+        log.warning(
+            "%s: spatial units are %s; the grid is converted to mm",
+            p,
+            header.get_xyzt_units()[0],
+        )
+        affine = affine.copy()
+        affine[:3, :] *= mm_per_unit
+    return Volume(array=array, affine=affine, path=p, header=header, mm_per_unit=mm_per_unit)
+
+
+# Millimetres per NIfTI spatial unit; "unknown" (code 0) is read as mm, as ITK and nibabel do.
+_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3}
 
 
 def _with_header_spacing(affine: np.ndarray, header: nib.Nifti1Header) -> np.ndarray:
@@ -261,6 +280,9 @@ def save_mask(path: str | os.PathLike, array: np.ndarray, like: Volume) -> Path:
         data = data.reshape(file_shape)  # the source's trailing singleton axes, kept
     affine = np.asarray(like.affine, dtype=np.float64)
     if type(like.header) is nib.Nifti1Header:  # not NIfTI-2 (a subclass): written as NIfTI-1
+        if like.mm_per_unit != 1.0:  # the copied header keeps the file's units
+            affine = affine.copy()
+            affine[:3, :] /= like.mm_per_unit
         # Copy the raw qform/sform fields and codes rather than refitting them from the
         # float64 affine, so the written grid is bit-identical to the source file's.
         header = like.header.copy()

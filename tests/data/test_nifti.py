@@ -252,3 +252,25 @@ def test_header_zooms_where_pixdim_and_matrix_disagree(tmp_path: Path) -> None:
     np.testing.assert_array_equal(vol.header_zooms, [1.0, 1.0, 1.5])
     no_header = Volume(np.zeros((2, 2, 2)), affine)
     np.testing.assert_array_equal(no_header.header_zooms, [2.0, 2.0, 2.0])
+
+
+@pytest.mark.parametrize("units,mm_per_unit", [("meter", 1000.0), ("micron", 1e-3), ("mm", 1.0)])
+def test_spatial_units_are_converted_to_mm_and_written_back(
+    tmp_path: Path, units: str, mm_per_unit: float
+) -> None:
+    """A grid stated in metres or microns is read in mm (as ITK does); a mask written on it
+    carries the file's own units and numbers again."""
+    in_mm = PSR_AFFINE.copy()
+    in_file = in_mm.copy()
+    in_file[:3, :] /= mm_per_unit
+    img = nib.Nifti1Image(np.arange(60, dtype=np.int16).reshape(3, 4, 5), in_file)
+    img.header.set_xyzt_units(xyz=units)
+    nib.save(img, tmp_path / "grid.nii.gz")
+    vol = load_volume(tmp_path / "grid.nii.gz")
+    np.testing.assert_allclose(vol.affine, in_mm, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(vol.spacing, [1.0, 1.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(vol.header_zooms, [1.0, 1.0, 1.0], rtol=1e-6)
+    out = nib.load(str(save_mask(tmp_path / "mask.nii.gz", np.ones(vol.shape, bool), vol)))
+    assert out.header.get_xyzt_units()[0] == units
+    np.testing.assert_allclose(out.affine, nib.load(str(tmp_path / "grid.nii.gz")).affine)
+    np.testing.assert_allclose(load_volume(tmp_path / "mask.nii.gz").affine, vol.affine)
