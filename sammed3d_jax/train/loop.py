@@ -514,13 +514,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 # What a checkpoint's arrays and its data position depend on: changing any of these
-# cannot resume a run (the position counts global batches of the seed's sample stream).
+# cannot resume a run (the position counts global batches of the seed's sample stream);
+# nor can the grid the weights were trained to see (inference reads the run's spacing).
 _STRUCTURE = (
     ("optim", "accumulation_steps"),
     ("optim", "grad_clip_norm"),
     ("freeze_image_encoder",),
     ("data", "batch_size"),
     ("seed",),
+    ("data", "spacing"),
+    ("data", "resample"),
+    ("data", "canonical"),
 )
 
 
@@ -532,6 +536,8 @@ def _structure(config: Any) -> dict[str, Any]:
             value = value.get(key) if isinstance(value, dict) else None
         if path[-1] == "grad_clip_norm":  # only on/off changes the optimizer state
             value = bool(value)
+        if path[-1] == "spacing" and value is not None:  # JSON lists, config tuples, scalars
+            value = tuple(float(v) for v in np.broadcast_to(np.asarray(value, float), (3,)))
         out[".".join(path)] = value
     return out
 
@@ -607,7 +613,8 @@ def check_resumable(workdir: Path, config: ml_collections.ConfigDict, cfg: Sam3D
         if getattr(previous_cfg.replace(**numerics), f.name) != getattr(cfg, f.name)
     ]
     old, new = _structure(previous), _structure(config.to_dict())
-    diffs += [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if old[k] != new[k]]
+    # (a field the saved config lacks is not compared)
+    diffs += [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if old[k] not in (None, new[k])]
     if diffs:
         raise ValueError(
             f"--workdir {workdir} holds checkpoints of a run these settings cannot resume ("
@@ -756,6 +763,14 @@ def _train_in(
             state, position, meta = ckpt.restore(latest, abstract_like(state))
             start_batch = int(position["batch_index"])
             origin = f"checkpoint step {latest} (saved by {meta.get('process_count')} process(es))"
+            if config.init_from:
+                log.warning(
+                    "init_from %s is not used: the run resumes from its checkpoint step %d in "
+                    "%s (a new --workdir starts from init_from)",
+                    config.init_from,
+                    latest,
+                    workdir,
+                )
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
         log.info("weights: %s", origin)
         if is_main:  # once the run is set up: a failed start leaves no config behind
@@ -822,11 +837,24 @@ def _train_in(
             last["perf/data_wait_fraction"] = wait / dt
             t_log, wait, steps_since = time.time(), 0.0, 0
 
+        def evaluate(at: int, png: bool = True, plot: bool = True) -> None:
+            nonlocal t_log
+            started = time.time()
+            ev = evaluator(
+                state, config.seed, workdir / "predictions.png" if png and is_main else None
+            )
+            writer.write(at, ev)
+            last.update(ev)
+            log.info("step %d: %s", at, " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+            if plot and is_main and config.get("plot_every_eval", True):
+                plot_curves(workdir)
+            t_log += time.time() - started  # throughput windows leave evaluations out
+
         if evaluator.enabled and latest is None and step == 0:
             # The starting point, so the curves show what training changed.
-            ev = evaluator(state, config.seed, None)
-            writer.write(0, ev)
-            log.info("step 0: %s", " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+            evaluate(0, png=False, plot=False)
+        elif evaluator.enabled and latest is not None and meta.get("eval_pending"):
+            evaluate(latest)  # deferred by the stop that saved this checkpoint
         data_loss = _DataLossWatch(_data_source(data_cfg), jax.process_count())
         with _Preemption() as pre, _closing(ckpt, writer):
             while step < total:
@@ -875,16 +903,17 @@ def _train_in(
                 if pbar is not None:
                     pbar.update(1)
                 position = {"batch_index": start_batch + step - step_at_start}
+                eval_due = evaluator.enabled and (step % config.eval_every == 0 or step == total)
+                # A stop before the last step leaves this evaluation to the resumed run (its
+                # time would come out of the preemption's grace period, with the save still
+                # being written); the checkpoint says so.
+                defer_eval = eval_due and stop and step < total
                 meta = {"config": json.loads(config.to_json_best_effort())}
+                if defer_eval:
+                    meta["eval_pending"] = True
                 saved = ckpt.save(step, state, position, meta, force=final)
-                if evaluator.enabled and (step % config.eval_every == 0 or step == total):
-                    png = workdir / "predictions.png" if is_main else None
-                    ev = evaluator(state, config.seed, png)
-                    writer.write(step, ev)
-                    last.update(ev)
-                    log.info("step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-                    if is_main and config.get("plot_every_eval", True):
-                        plot_curves(workdir)
+                if eval_due and not defer_eval:
+                    evaluate(step)
                 if pre.requested and not pre.synced and not saved:
                     # The signal came during the evaluation: save this step before stopping,
                     # its metrics checked and written first as for any save.

@@ -197,6 +197,13 @@ def test_resume_with_another_architecture_is_refused(tmp_path):
     other.seed = config.seed + 1
     with pytest.raises(ValueError, match=r"data\.batch_size: \d+ -> \d+; seed"):
         loop.check_resumable(tmp_path, other, loop.model_config(other))
+    other = cpu_demo.get_config()  # another grid: inference would read the new spacing
+    other.data.spacing = (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"data\.spacing: \(3\.0, 3\.0, 3\.0\) -> \(1\.0"):
+        loop.check_resumable(tmp_path, other, loop.model_config(other))
+    other = cpu_demo.get_config()  # the data moved: resumable
+    other.data.root = str(tmp_path / "moved")
+    loop.check_resumable(tmp_path, other, loop.model_config(other))
     assert json.loads((tmp_path / "config.json").read_text())["model"]["variant"] == "tiny"
 
 

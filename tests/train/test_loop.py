@@ -356,3 +356,44 @@ def test_sigterm_after_the_last_step_finishes_the_run(tmp_path, monkeypatch):
     assert np.isfinite(last["train/loss"])
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
     assert max(losses(tmp_path / "run")) == 2 and len(calls) == 2
+
+
+@pytest.mark.slow
+def test_stop_at_an_evaluation_step_defers_the_evaluation_to_the_resumed_run(tmp_path, monkeypatch):
+    """A stop leaves the preemption's grace period to the save: the step's evaluation runs
+    first thing in the resumed run."""
+    from configs.cpu_demo import get_config
+    from sammed3d_jax.train import loop
+
+    config = get_config("steps=3,batch=2")
+    config.train.num_clicks = 2
+    config.train.no_point_low = config.train.no_point_high = 0
+    config.val.max_items = 2
+    config.val.batch_size = 2
+    config.val.clicks = (1,)
+    config.eval_every = 1
+    config.async_checkpointing = False
+    workdir = tmp_path / "run"
+    stop = loop._Preemption.stop
+
+    def stop_at_2(self, step):  # as a SIGTERM during step 2
+        self.requested = self.requested or step == 2
+        return stop(self, step)
+
+    monkeypatch.setattr(loop._Preemption, "stop", stop_at_2)
+    with pytest.raises(loop.Preempted):
+        loop.train_and_evaluate(config, workdir)
+
+    def eval_steps() -> list[int]:
+        rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in rows if "eval/dice_1" in r]
+
+    assert eval_steps() == [0, 1]  # not at the stop
+    meta = json.loads((workdir / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["eval_pending"] is True
+    monkeypatch.undo()
+    loop.train_and_evaluate(config, workdir)
+    assert eval_steps() == [0, 1, 2, 3]
+    assert "eval_pending" not in json.loads(
+        (workdir / "checkpoints" / "3" / "meta" / "metadata").read_text()
+    )
