@@ -175,7 +175,8 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _dataclass_from(cls, values: Any, **extra: Any):
+def _dataclass_from(cls, values: Any, section: str, **extra: Any):
+    """``cls(**values)`` for the config section ``section``, whose name its errors carry."""
     values = dict(values.to_dict() if isinstance(values, ml_collections.ConfigDict) else values)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -185,7 +186,12 @@ def _dataclass_from(cls, values: Any, **extra: Any):
     for k, v in values.items():
         if isinstance(v, list):
             values[k] = tuple(v)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as e:
+        if str(e).startswith(f"{section}."):
+            raise
+        raise ValueError(f"{section}: {e}") from e
 
 
 def model_config(config: ml_collections.ConfigDict) -> Sam3DConfig:
@@ -208,7 +214,7 @@ def data_config(d: Any, crop_size: int, batch_size: int | None = None) -> DataCo
     d["crop_size"] = crop_size
     if batch_size:
         d["batch_size"] = batch_size
-    return _dataclass_from(DataConfig, d)
+    return _dataclass_from(DataConfig, d, "data")
 
 
 def _initial_params(config, cfg: Sam3DConfig, abstract_state: nnx.State) -> tuple[dict, str]:
@@ -392,15 +398,24 @@ def maybe_initialize_distributed(dist: Any) -> None:
             "distributed.num_processes / process_id (--num_processes, --process_id) need "
             "distributed.coordinator_address (--coordinator_address) as well"
         )
+    local: dict[str, Any] = {}
+    if dist.local_device_ids:
+        try:
+            ids = [int(x) for x in str(dist.local_device_ids).split(",")]
+        except ValueError:
+            raise ValueError(
+                "distributed.local_device_ids must be comma-separated device numbers, e.g. "
+                f"0,1, got {dist.local_device_ids!r}"
+            ) from None
+        local["local_device_ids"] = ids
     if addr:
-        kwargs = dict(
+        # Unset counts (0 / -1) are left for JAX to detect from the cluster environment.
+        jax.distributed.initialize(
             coordinator_address=addr,
-            num_processes=int(dist.num_processes),
-            process_id=int(dist.process_id),
+            num_processes=int(dist.num_processes) if int(dist.num_processes) > 0 else None,
+            process_id=int(dist.process_id) if int(dist.process_id) >= 0 else None,
+            **local,
         )
-        if dist.local_device_ids:
-            kwargs["local_device_ids"] = [int(x) for x in str(dist.local_device_ids).split(",")]
-        jax.distributed.initialize(**kwargs)
         return
     env = os.environ
     cluster = (
@@ -410,7 +425,7 @@ def maybe_initialize_distributed(dist: Any) -> None:
         or ("OMPI_COMM_WORLD_SIZE" in env and int(env["OMPI_COMM_WORLD_SIZE"]) > 1)
     )
     if cluster:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**local)
 
 
 def check_local_path(value: Any, name: str) -> None:
@@ -475,8 +490,26 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"train.normalization_group={group!r} must be 0 (pool the whole batch) or a "
             f"divisor of data.batch_size={config.data.batch_size}"
         )
-    accumulation = int(config.optim.get("accumulation_steps", 1) or 1)
+    accumulation = config.optim.get("accumulation_steps", 1)
+    if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+        raise ValueError(f"optim.accumulation_steps must be an integer >= 1, got {accumulation!r}")
     updates = config.total_steps // accumulation
+    if updates < 1:
+        raise ValueError(
+            f"total_steps={config.total_steps} < optim.accumulation_steps={accumulation}: the run "
+            "would make no optimizer update"
+        )
+    if config.total_steps % accumulation:
+        log.warning(
+            "total_steps=%d is not a multiple of optim.accumulation_steps=%d: the last %d "
+            "micro-batches are computed but never applied",
+            config.total_steps,
+            accumulation,
+            config.total_steps % accumulation,
+        )
+    seed = config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     schedule_steps = config.optim.get("total_steps")
     cosine = config.optim.get("schedule") == "warmup_cosine"
     if cosine and schedule_steps is not None and schedule_steps < updates:
@@ -711,9 +744,9 @@ def _train_in(
     rules = sh.rules_dict(config.sharding_rules)
     mesh = sh.make_mesh(dict(config.mesh))
     log.info("mesh %s", dict(mesh.shape))
-    train_cfg = _dataclass_from(TrainConfig, config.train)
+    train_cfg = _dataclass_from(TrainConfig, config.train, "train")
     optim_cfg = _dataclass_from(
-        OptimConfig, config.optim, freeze_image_encoder=bool(config.freeze_image_encoder)
+        OptimConfig, config.optim, "optim", freeze_image_encoder=bool(config.freeze_image_encoder)
     )
     data_cfg = data_config(config.data, cfg.img_size)
     sh.check_batch_divisible(mesh, data_cfg.batch_size, "data.batch_size", rules)

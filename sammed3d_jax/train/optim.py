@@ -106,9 +106,28 @@ class OptimConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         if self.schedule not in ("multistep", "constant", "warmup_cosine"):
-            raise ValueError(f"unknown schedule {self.schedule!r}")
+            raise ValueError(
+                f"optim.schedule must be 'multistep', 'constant' or 'warmup_cosine', "
+                f"got {self.schedule!r}"
+            )
         if self.accumulation_steps < 1:
-            raise ValueError("accumulation_steps must be >= 1")
+            raise ValueError(
+                f"optim.accumulation_steps must be >= 1, got {self.accumulation_steps!r}"
+            )
+        for name, ok, rule in (
+            ("lr", self.lr > 0, "> 0"),
+            ("prompt_decoder_lr_mult", self.prompt_decoder_lr_mult >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("b1", 0 <= self.b1 < 1, "in [0, 1)"),
+            ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
+            ("eps", self.eps > 0, "> 0"),
+            ("gamma", self.gamma > 0, "> 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+        ):
+            value = getattr(self, name)
+            if not (ok and np.isfinite(value)):
+                raise ValueError(f"optim.{name} must be {rule}, got {value!r}")
         if self.schedule == "warmup_cosine" and self.total_steps <= self.warmup_steps:
             raise ValueError(
                 f"optim.total_steps ({self.total_steps}) must exceed optim.warmup_steps "

@@ -16,7 +16,7 @@ from sammed3d_jax.train.optim import OptimConfig
 
 
 def _optim(config: ml_collections.ConfigDict) -> OptimConfig:
-    return loop._dataclass_from(OptimConfig, config.optim)
+    return loop._dataclass_from(OptimConfig, config.optim, "optim")
 
 
 @pytest.mark.parametrize(
@@ -265,6 +265,34 @@ def test_process_settings_without_a_coordinator_are_refused():
         loop.maybe_initialize_distributed(dist)
 
 
+def test_distributed_settings_reach_jax(monkeypatch):
+    """Unset process counts are left for JAX to detect; device ids reach it on every path."""
+    import jax
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False, raising=False)
+    for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE", raising=False)
+    dist = cpu_demo.get_config().distributed
+    dist.coordinator_address = "host:1234"
+    loop.maybe_initialize_distributed(dist)
+    assert calls[-1] == {
+        "coordinator_address": "host:1234",
+        "num_processes": None,
+        "process_id": None,
+    }
+    dist = cpu_demo.get_config().distributed
+    dist.local_device_ids = "0,1"
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    loop.maybe_initialize_distributed(dist)
+    assert calls[-1] == {"local_device_ids": [0, 1]}
+    dist.local_device_ids = "a"
+    with pytest.raises(ValueError, match=r"distributed\.local_device_ids must be"):
+        loop.maybe_initialize_distributed(dist)
+
+
 def test_profile_steps_are_checked():
     config = cpu_demo.get_config()
     for good in ((), (0, 1), (10, 15)):
@@ -322,3 +350,49 @@ def test_a_workdir_in_use_is_refused(tmp_path):
         with pytest.raises(ValueError, match=r"another training run is using it \(pid 12345"):
             loop.train_and_evaluate(cpu_demo.get_config(), workdir)
     assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("lr", -1.0, "optim.lr must be > 0"),
+        ("b1", 1.5, r"optim.b1 must be in \[0, 1\)"),
+        ("b2", 1.0, r"optim.b2 must be in \[0, 1\)"),
+        ("eps", 0.0, "optim.eps must be > 0"),
+        ("weight_decay", -0.1, "optim.weight_decay must be >= 0"),
+        ("prompt_decoder_lr_mult", -1.0, "optim.prompt_decoder_lr_mult must be >= 0"),
+        ("gamma", 0.0, "optim.gamma must be > 0"),
+        ("min_lr_ratio", 2.0, r"optim.min_lr_ratio must be in \[0, 1\]"),
+        ("schedule", "bogus", "optim.schedule must be 'multistep'"),
+    ],
+)
+def test_optimizer_values_out_of_range_are_named(field, value, message):
+    config = cpu_demo.get_config()
+    config.optim[field] = value
+    with pytest.raises(ValueError, match=message):
+        _optim(config)
+
+
+def test_accumulation_and_seed_are_checked(caplog):
+    config = cpu_demo.get_config()
+    config.total_steps = 3
+    config.optim.accumulation_steps = 4
+    with pytest.raises(ValueError, match="no optimizer update"):
+        loop.check_config(config)
+    config.optim.accumulation_steps = 2
+    with caplog.at_level("WARNING"):
+        loop.check_config(config)
+    assert "the last 1 micro-batches are computed but never applied" in caplog.text
+    config = cpu_demo.get_config()
+    config.seed = -1
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        loop.check_config(config)
+
+
+def test_section_errors_name_their_section():
+    from sammed3d_jax.train.step import TrainConfig
+
+    config = cpu_demo.get_config()
+    config.train.num_clicks = 0
+    with pytest.raises(ValueError, match=r"^train: num_clicks must be >= 1"):
+        loop._dataclass_from(TrainConfig, config.train, "train")
