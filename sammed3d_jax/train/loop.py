@@ -34,6 +34,7 @@ from flax import nnx
 
 from sammed3d_jax import sharding as sh
 from sammed3d_jax.checkpoint import PARAMS_DIR, require_utf8_path
+from sammed3d_jax.data.layout import LayoutError
 from sammed3d_jax.data.pipeline import DataConfig, make_eval_dataset, make_train_dataset
 from sammed3d_jax.files import atomic_path, write_atomic
 from sammed3d_jax.model.config import NUMERIC_FIELDS, Sam3DConfig
@@ -310,6 +311,17 @@ def val_data_config(config: ml_collections.ConfigDict, crop_size: int) -> DataCo
     return data_config(data, crop_size, batch)
 
 
+@contextlib.contextmanager
+def _naming_the_source(section: str, cfg: DataConfig) -> Iterator[None]:
+    """Dataset errors prefixed with the config field they come from (data.root, val.records,
+    ...): the training and held-out sets may name the same kind of folder."""
+    field = "records" if cfg.records else "tfds_dir" if cfg.tfds_dir else "root"
+    try:
+        yield
+    except LayoutError as e:
+        raise LayoutError(f"{section}.{field}: {e}") from e
+
+
 class Evaluator:
     """Held-out Dice after 1..N clicks (inference protocol), plus a prediction PNG.
 
@@ -343,7 +355,8 @@ class Evaluator:
     def __call__(self, state: TrainState, seed: int, png: Path | None) -> dict[str, float]:
         if self._ds is None:  # built once: its prepared-item cache lives across evaluations
             shard = sh.process_batch_shard(self.mesh, self.global_batch, self.rules)
-            self._ds = make_eval_dataset(self.data_cfg, *shard, max_items=self.max_items)
+            with _naming_the_source("val", self.data_cfg):
+                self._ds = make_eval_dataset(self.data_cfg, *shard, max_items=self.max_items)
         ds = self._ds
         dice, first = [], None
         for batch in ds:
@@ -831,7 +844,8 @@ def _train_in(
         evaluator = Evaluator(config, graphdef, mesh, rules, cfg.img_size, state_sh)
 
         shard = sh.process_batch_shard(mesh, data_cfg.batch_size, rules)
-        ds = make_train_dataset(data_cfg, config.seed, *shard, start_batch=start_batch)
+        with _naming_the_source("data", data_cfg):
+            ds = make_train_dataset(data_cfg, config.seed, *shard, start_batch=start_batch)
         it = iter(ds)
         writer = MetricWriter(workdir, enabled=is_main)
         # Rows after the resumed step (or all rows when no checkpoint was reached) are

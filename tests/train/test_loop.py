@@ -271,6 +271,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, fixtures_dir):
         ([], "gs://bucket/run", "--workdir=gs://bucket/run: URLs are not supported"),
         (["--config.data.records=s3://b/shards"], tmp_path / "w3", "data.records=s3://b/shards"),
         ([f"--config.val.root={tmp_path}/nope"], tmp_path / "w4", f"val.root {tmp_path}/nope:"),
+        ([f"--config.val.root={tmp_path}"], tmp_path / "w6", f"val.root: {tmp_path}: no dataset"),
         (["--config.val.batch_size=-1"], tmp_path / "w5", "val.batch_size must be"),
     ):
         proc = run(workdir, 1, *extra)
