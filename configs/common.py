@@ -145,6 +145,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 200_000  # train-step calls (micro-batches)
     c.log_every = 50
     c.eval_every = 5_000  # 0: no in-training evaluation (val.* kept)
+    # Saves every N steps, after the first step (a broken save shows at once) and at the end;
+    # the newest keep_checkpoints are kept.
     c.checkpoint_every = 1_000
     c.keep_checkpoints = 3
     c.async_checkpointing = True
