@@ -693,11 +693,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     check_resumable(workdir, config, cfg)
     maybe_initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
-    if is_main:
-        try:
-            workdir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from e
     with _workdir_lock(workdir, is_main):
         return _train_in(config, workdir, cfg, is_main)
 
@@ -706,39 +701,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _workdir_lock(workdir: Path, is_main: bool) -> Iterator[None]:
     """One run per workdir: a second `train.py` started on a workdir in use (a restarted job
     while the old one still runs) would interleave checkpoints and metrics with it. The main
-    process holds an advisory lock on ``W/.lock`` for the run; file systems without locks
-    are accepted as they are."""
-    if not is_main:
+    process creates the workdir and holds an advisory lock on ``W/.lock`` for the run (file
+    systems without locks are accepted as they are); every process learns whether it could,
+    so a refusal stops all of them with the same message instead of leaving the others to
+    time out in their first collective."""
+    fh, refusal = None, None
+    if is_main:
+        try:
+            fh = _lock_workdir(workdir)
+        except ValueError as e:
+            refusal = str(e)
+    refused = refusal is not None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refused)))
+    if refused:
+        raise ValueError(refusal or f"--workdir {workdir}: refused by process 0 (see its log)")
+    try:
         yield
-        return
+    finally:
+        if fh is not None:
+            fh.close()
+
+
+def _lock_workdir(workdir: Path) -> Any:
+    """Create ``workdir`` and lock its ``.lock`` file; returns the open file (the lock).
+
+    Raises:
+      ValueError: the folder cannot be created, or another run holds the lock.
+    """
     import fcntl
 
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from e
     path = workdir / ".lock"
     try:
         fh = open(path, "a+")  # held for the whole run
     except OSError as e:
         raise ValueError(f"--workdir {workdir}: cannot create {path.name} ({e.strerror})") from e
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            owner = fh.read().strip()
-            raise ValueError(
-                f"--workdir {workdir}: another training run is using it"
-                + (f" ({owner})" if owner else "")
-                + "; stop it first or use another --workdir"
-            ) from None
-        except OSError as e:  # no locks on this file system
-            log.warning("--workdir %s: cannot lock %s (%s); not checked", workdir, path, e)
-        else:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-            fh.flush()
-        yield
-    finally:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        owner = fh.read().strip()
         fh.close()
+        raise ValueError(
+            f"--workdir {workdir}: another training run is using it"
+            + (f" ({owner})" if owner else "")
+            + "; stop it first or use another --workdir"
+        ) from None
+    except OSError as e:  # no locks on this file system
+        log.warning("--workdir %s: cannot lock %s (%s); not checked", workdir, path, e)
+    else:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        fh.flush()
+    return fh
 
 
 def _train_in(

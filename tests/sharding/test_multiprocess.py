@@ -230,3 +230,48 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path):
     saved = sorted(int(d.name) for d in (work / "checkpoints").iterdir() if d.name.isdigit())
     assert saved and saved[-1] == max(losses(work)) < 1000
     assert all("saving a checkpoint at step" in e for e in errs)
+
+
+def test_a_workdir_in_use_stops_every_process_with_one_line(tmp_path):
+    """Only process 0 holds the workdir's lock: its refusal reaches the other process too,
+    which exits with the same kind of one-line error instead of timing out in a collective."""
+    import fcntl
+    import time
+
+    work = tmp_path / "busy"
+    work.mkdir()
+    port = free_port()
+    with open(work / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another run would
+        t0 = time.time()
+        procs = [
+            subprocess.Popen(
+                [
+                    "timeout",
+                    "-k",
+                    "10",
+                    "300",
+                    *cmd(
+                        work,
+                        2,
+                        f"--coordinator_address=127.0.0.1:{port}",
+                        "--num_processes=2",
+                        f"--process_id={i}",
+                    ),
+                ],
+                cwd=REPO,
+                env=env(1, compilation_cache=False),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        errs = [p.communicate(timeout=330)[1] for p in procs]
+    for p, e in zip(procs, errs):
+        assert p.returncode == 2, e[-3000:]
+        assert "Traceback" not in e, e[-3000:]
+    assert "another training run is using it" in errs[0]
+    assert "refused by process 0" in errs[1]
+    assert time.time() - t0 < 120  # no collective waited for its deadline
+    assert not (work / "checkpoints").exists()
