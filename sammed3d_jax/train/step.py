@@ -199,22 +199,16 @@ def normalize_images(
     Returns:
       (B, S0, S1, S2) float32 ``(x - mean) / std`` applied to every voxel.
     """
+    x = image.astype(F32)
+    m = x > 0
+    if sample_mask is not None:
+        m = m & sample_mask.astype(bool)[:, None, None, None]
     if mode == "batch" and group and group != image.shape[0]:
         if group < 0 or image.shape[0] % group:
             raise ValueError(
                 f"normalization group {group} must divide the batch size {image.shape[0]}"
             )
-        b = image.shape[0]
-        grouped = image.reshape(b // group, group, *image.shape[1:])
-        masks = None if sample_mask is None else sample_mask.reshape(b // group, group)
-        out = jax.vmap(lambda x, m: normalize_images(x, "batch", m))(
-            grouped, masks if masks is not None else jnp.ones((b // group, group), bool)
-        )
-        return out.reshape(image.shape)
-    x = image.astype(F32)
-    m = x > 0
-    if sample_mask is not None:
-        m = m & sample_mask.astype(bool)[:, None, None, None]
+        return _normalize_in_groups(x, m, group)
     axes = (1, 2, 3) if mode == "per_volume" else (0, 1, 2, 3)
     n = jnp.sum(m, axis=axes, keepdims=True, dtype=jnp.int32).astype(F32)
     mean = jnp.sum(jnp.where(m, x, 0.0), axis=axes, keepdims=True) / jnp.maximum(n, 1.0)
@@ -225,6 +219,30 @@ def normalize_images(
     ok = (n > 1.0) & (std > 0)
     mean = jnp.where(n > 0, mean, 0.0)
     std = jnp.where(ok, std, 1.0)
+    return (x - mean) / std
+
+
+def _normalize_in_groups(x: Array, m: Array, group: int) -> Array:
+    """`normalize_images` pooled over consecutive groups of ``group`` samples.
+
+    Every image-sized reduction is per sample; only (B,) sums are pooled over a group. A
+    group that does not line up with the batch's sharding (e.g. 12 over 18 samples per
+    device) then moves a few numbers between devices, not the volumes themselves.
+    """
+    b = x.shape[0]
+    axes = (1, 2, 3)
+
+    def pooled(per_sample: Array) -> Array:  # (B,) -> each sample's group total, (B,)
+        return jnp.repeat(per_sample.reshape(b // group, group).sum(1), group)
+
+    n = pooled(jnp.sum(m, axis=axes, dtype=jnp.int32).astype(F32))
+    mean = pooled(jnp.sum(jnp.where(m, x, 0.0), axis=axes)) / jnp.maximum(n, 1.0)
+    mean = mean[:, None, None, None]
+    squares = jnp.sum(jnp.where(m, (x - mean) ** 2, 0.0), axis=axes)
+    std = jnp.sqrt(pooled(squares) / jnp.maximum(n - 1.0, 1.0))[:, None, None, None]
+    n = n[:, None, None, None]
+    mean = jnp.where(n > 0, mean, 0.0)
+    std = jnp.where((n > 1.0) & (std > 0), std, 1.0)
     return (x - mean) / std
 
 

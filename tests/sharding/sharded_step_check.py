@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 
 import jax
@@ -179,6 +180,17 @@ def main() -> None:
         mesh = sh.make_mesh({"data": devices}, jax.devices()[:devices])
         got = np.asarray(norm(jax.device_put(image, sh.batch_sharding(mesh, 4))))
         out["grouped_normalization_max_diff"][str(devices)] = float(np.abs(got - want).max())
+    # Groups of 4 over 24 samples on 8 devices (3 per device): no group lines up with a
+    # device, yet no volume-sized array may be gathered (only the per-sample sums).
+    mesh = sh.make_mesh({"data": 8})
+    volumes = jax.device_put(
+        np.tile(image[:1, :16, :16, :16], (24, 1, 1, 1)), sh.batch_sharding(mesh, 4)
+    )
+    hlo = jax.jit(lambda x: normalize_images(x, "batch", None, 4)).lower(volumes).compile()
+    gathers = [
+        re.search(r"=\s*(\S+)\s+all-gather(-start)?\(", x) for x in hlo.as_text().splitlines()
+    ]
+    out["grouped_normalization_gathers"] = [g[1] for g in gathers if g and "16,16,16" in g[1]]
     print(json.dumps(out))
 
 

@@ -59,6 +59,7 @@ def test_full_size_model_has_no_replicated_parameter_over_1mb(report):
 def test_grouped_normalization_is_the_same_on_any_batch_sharding(report):
     for devices, diff in report["grouped_normalization_max_diff"].items():
         assert diff < 1e-5, devices
+    assert report["grouped_normalization_gathers"] == []  # volumes stay on their device
 
 
 def test_mesh_shape_rules():
