@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -28,6 +29,8 @@ import jax.experimental.mesh_utils
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -81,20 +84,45 @@ def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[Any] | No
     shape = mesh_shape(axes or {"data": -1}, len(devices))
     try:
         device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # non-TPU topologies or fake CPU devices: plain row-major layout
+    except Exception as e:  # topologies it does not know, fake CPU devices: row-major layout
+        if devices[0].platform == "tpu":  # there the layout decides the collectives' speed
+            log.warning("mesh %s: no topology-aware device order (%s); using row-major", shape, e)
         device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES)
 
 
 def rules_dict(rules: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Logical axis -> mesh axis (a name, a tuple of names, or None) as a dict, checked.
+
+    Raises:
+      ValueError: a target that is no mesh axis (a typo would leave its arrays replicated),
+        or no ``batch`` rule (every device would compute the whole batch).
+    """
     if rules is None:
         return dict(DEFAULT_RULES)
-    items = rules.items() if isinstance(rules, Mapping) else rules
+    try:
+        items = list(rules.items() if isinstance(rules, Mapping) else rules)
+        pairs = [(str(name), target) for name, target in items]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"sharding_rules must be (logical name, mesh axis) pairs, got {rules!r}"
+        ) from None
     out = {}
-    for name, target in items:
+    for name, target in pairs:
         if isinstance(target, list):
             target = tuple(target)
-        out[str(name)] = target
+        names = target if isinstance(target, tuple) else (target,)
+        unknown = [n for n in names if n is not None and n not in MESH_AXES]
+        if unknown or (isinstance(target, tuple) and None in target):
+            raise ValueError(
+                f"sharding_rules: {name!r} -> {target!r}: mesh axes are {MESH_AXES} (or None)"
+            )
+        out[name] = target
+    if out.get("batch") is None:
+        raise ValueError(
+            "sharding_rules: no 'batch' rule to a mesh axis (e.g. ('batch', ('data', 'fsdp'))): "
+            "every device would compute the whole batch"
+        )
     return out
 
 

@@ -488,6 +488,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"val.batch_size must be an integer >= 0 (0: data.batch_size), got {val_batch!r}"
         )
+    sh.rules_dict(config.get("sharding_rules"))  # a mistyped mesh axis is named here
     max_items = config.val.get("max_items", 0)
     if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0:
         raise ValueError(

@@ -86,6 +86,19 @@ def test_batch_must_split_over_the_batch_axes():
     sh.check_batch_divisible(mesh, 4, "x", rules={"batch": "fsdp"})
 
 
+def test_sharding_rules_are_checked():
+    rules = dict(sh.DEFAULT_RULES)
+    assert sh.rules_dict(list(rules.items())) == rules
+    with pytest.raises(ValueError, match=r"'embed' -> 'fdsp': mesh axes are"):
+        sh.rules_dict({**rules, "embed": "fdsp"})
+    with pytest.raises(ValueError, match=r"'batch' -> \('data', 'fdsp'\)"):
+        sh.rules_dict({**rules, "batch": ("data", "fdsp")})
+    with pytest.raises(ValueError, match="no 'batch' rule"):
+        sh.rules_dict({k: v for k, v in rules.items() if k != "batch"})
+    with pytest.raises(ValueError, match="pairs"):
+        sh.rules_dict([("batch",)])
+
+
 def test_batch_shard_from_rows():
     f = sh.batch_shard_from_rows
     assert f({0: {(0, 2), (2, 4)}, 1: {(4, 6), (6, 8)}}, 1, 8) == (1, 2)
