@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -68,6 +69,7 @@ MANIFEST_VERSION = 1
 _MAGIC = b"SM3DREC1"
 _PREFIX = struct.Struct("<8sII")
 _READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # random access
+MAX_OPEN_SHARDS = 64  # shard files a source keeps open (per process)
 _CODECS = ("raw", "packbits", "zlib")
 
 
@@ -295,7 +297,7 @@ class ShardSource:
                     f"{p}: {found if found is not None else 'unreadable'} records, manifest lists "
                     f"{expected} (truncated or corrupt shard{problem})"
                 )
-        self._readers: dict[int, Any] = {}
+        self._readers: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self._pid = os.getpid()
 
     @property
@@ -318,18 +320,28 @@ class ShardSource:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_readers"] = {}
+        state["_readers"] = collections.OrderedDict()
         return state
 
     def _reader(self, shard: int):
         if os.getpid() != self._pid:  # forked: do not share the parent's file handles
-            self._readers, self._pid = {}, os.getpid()
-        reader = self._readers.get(shard)
+            self._readers, self._pid = collections.OrderedDict(), os.getpid()
+        readers = self._readers
+        reader = readers.get(shard)
         if reader is None:
             from array_record.python import array_record_module
 
             reader = array_record_module.ArrayRecordReader(str(self.paths[shard]), _READER_OPTIONS)
-            self._readers[shard] = reader
+            readers[shard] = reader
+            # Shuffled reads reach every shard: keep the most recent ones open, not one file
+            # per shard (thousands of shards would exhaust the open-file limit). A dropped
+            # reader closes when the last read holding it is done.
+            while len(readers) > MAX_OPEN_SHARDS:
+                with contextlib.suppress(KeyError):  # (emptied by another read thread)
+                    readers.popitem(last=False)
+        else:
+            with contextlib.suppress(KeyError):  # another read thread may have dropped it
+                readers.move_to_end(shard)
         return reader
 
     def locate(self, index: int) -> tuple[int, int]:
@@ -370,7 +382,7 @@ class ShardSource:
     def close(self) -> None:
         for r in self._readers.values():
             r.close()
-        self._readers = {}
+        self._readers = collections.OrderedDict()
 
 
 # --------------------------------------------------------------------------------------

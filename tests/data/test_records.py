@@ -424,3 +424,25 @@ def test_ordered_map_keeps_order_and_bounds_the_work_in_flight() -> None:
             out.append(result)
         assert list(R.ordered_map(pool, work, [], ahead=2)) == []
     assert out == [i * i for i in range(20)]
+
+
+def test_shard_source_keeps_few_files_open(converted, monkeypatch) -> None:
+    """Shuffled reads reach every shard; only the most recent shards stay open."""
+    _, out = converted
+    monkeypatch.setattr(R, "MAX_OPEN_SHARDS", 1)
+    src = R.ShardSource(out)
+    fds = Path("/proc/self/fd")
+
+    def shard_files() -> int:
+        targets = []
+        for fd in list(fds.iterdir()):
+            try:
+                targets.append(os.readlink(fd))
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
+        return sum(t.endswith(".array_record") for t in targets)
+
+    reads = [src.read_bytes(i) for i in (0, 4, 8, 0, 5)]  # shards 0, 1, 2, 0, 1
+    assert shard_files() <= 1
+    assert reads[0] == reads[3] and len(src._readers) == 1
+    src.close()
