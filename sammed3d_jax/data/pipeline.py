@@ -909,6 +909,7 @@ def make_train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     start_batch: int = 0,
+    opened: tuple[Sequence[Any], Compose | None] | None = None,
 ) -> grain.IterDataset:
     """The infinite, shuffled, augmented training stream of this process.
 
@@ -920,6 +921,7 @@ def make_train_dataset(
       start_batch: global batch index to start from. The stream is a pure function of
         (seed, global batch index), so a run resumes at the same data with any number of
         processes by passing the number of batches already consumed.
+      opened: ``open_source(cfg)``'s result when the caller already has it.
 
     Returns:
       A grain ``IterDataset`` of batches ``{"image": (b, S, S, S) float32, "label":
@@ -928,7 +930,7 @@ def make_train_dataset(
     """
     pi, pc = _process(process_index, process_count)
     b = _per_process_batch(cfg.batch_size, pc)
-    source, prepare = open_source(cfg)
+    source, prepare = opened if opened is not None else open_source(cfg)
     n = len(source)
     if n == 0:
         raise LayoutError(f"{_source_name(cfg)}: no training records")

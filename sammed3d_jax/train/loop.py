@@ -35,7 +35,12 @@ from flax import nnx
 from sammed3d_jax import sharding as sh
 from sammed3d_jax.checkpoint import PARAMS_DIR, require_utf8_path
 from sammed3d_jax.data.layout import LayoutError
-from sammed3d_jax.data.pipeline import DataConfig, make_eval_dataset, make_train_dataset
+from sammed3d_jax.data.pipeline import (
+    DataConfig,
+    make_eval_dataset,
+    make_train_dataset,
+    open_source,
+)
 from sammed3d_jax.files import atomic_path, write_atomic
 from sammed3d_jax.model.config import NUMERIC_FIELDS, Sam3DConfig
 from sammed3d_jax.model.sam import abstract_sam3d, host_init
@@ -868,7 +873,23 @@ def _train_in(
 
         shard = sh.process_batch_shard(mesh, data_cfg.batch_size, rules)
         with _naming_the_source("data", data_cfg):
-            ds = make_train_dataset(data_cfg, config.seed, *shard, start_batch=start_batch)
+            opened = open_source(data_cfg)
+            ds = make_train_dataset(
+                data_cfg, config.seed, *shard, start_batch=start_batch, opened=opened
+            )
+        num_items = len(opened[0])
+        saved_items = position.get("num_items") if latest is not None else None
+        if saved_items not in (None, num_items):
+            # The stream is a function of (seed, batch index, item list): with other items
+            # the resumed run samples anew, repeating some items and skipping others.
+            log.warning(
+                "%s: %d training items, %d when checkpoint step %d was saved: the resumed run "
+                "does not continue the saved sample order",
+                _data_source(data_cfg),
+                num_items,
+                saved_items,
+                latest,
+            )
         it = iter(ds)
         writer = MetricWriter(workdir, enabled=is_main)
         # Rows after the resumed step (or all rows when no checkpoint was reached) are
@@ -972,7 +993,10 @@ def _train_in(
                     jax.block_until_ready(pending[-1][1])
                 if pbar is not None:
                     pbar.update(1)
-                position = {"batch_index": start_batch + step - step_at_start}
+                position = {
+                    "batch_index": start_batch + step - step_at_start,
+                    "num_items": num_items,
+                }
                 eval_due = evaluator.enabled and (step % config.eval_every == 0 or step == total)
                 # A stop before the last step leaves this evaluation to the resumed run (its
                 # time would come out of the preemption's grace period, with the save still

@@ -398,3 +398,20 @@ def test_stop_at_an_evaluation_step_defers_the_evaluation_to_the_resumed_run(tmp
     assert "eval_pending" not in json.loads(
         (workdir / "checkpoints" / "3" / "meta" / "metadata").read_text()
     )
+
+
+@pytest.mark.slow
+def test_resume_on_another_item_list_is_named(tmp_path):
+    """The saved position counts batches of one item list: a resume on another says so."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "demo_data" / "train", data)
+    workdir = tmp_path / "run"
+    proc = run(workdir, 1, f"--config.data.root={data}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (data / "labelsTr" / "totalseg_ct_abdomen.nii.gz").unlink()  # a case with items
+    (data / "imagesTr" / "totalseg_ct_abdomen_0000.nii.gz").unlink()
+    proc = run(workdir, 2, f"--config.data.root={data}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "when checkpoint step 1 was saved: the resumed run does not continue" in proc.stderr
