@@ -1,7 +1,9 @@
 """Pre-training from scratch with the original recipe, at pod / cluster scale.
 
     # TPU pod: the same command on every host (jax.distributed detects the pod); a bucket
-    # is read and written through a mount (gcsfuse), not as a gs:// URL.
+    # is read and written through a mount (gcsfuse), not as a gs:// URL. Checkpoints are
+    # finished by renaming their folder: a bucket with hierarchical namespace renames
+    # folders atomically; on a flat bucket gcsfuse needs --rename-dir-limit (not atomic).
     python train.py --config configs/pretrain.py:records=/gcs/bucket/sam_med3d_shards \
         --workdir /gcs/bucket/runs/pretrain --config.mesh.fsdp=8
     # SLURM GPU cluster: one task per node (see README "Running on a TPU pod / GPU cluster").
@@ -13,7 +15,9 @@ with 20-step gradient accumulation, batch-pooled z-normalisation (over each GPU'
 `train.normalization_group=12` here when the batch is a multiple of 12, else the whole batch),
 CT clamp for `ct*` datasets.
 Here the global batch is spread over the mesh (data x fsdp), parameters and optimizer state
-are sharded over `fsdp`, and compute is bfloat16. The default takes one optimizer step per
+are sharded over `fsdp` when the mesh has that axis (`--config.mesh.fsdp=N`, as in the
+commands above; the default mesh is all data-parallel, every device holding a whole copy),
+and compute is bfloat16. The default takes one optimizer step per
 global batch of 96; `batch=12,accumulation=20` is the original's exact schedule. `steps`
 counts batches (train-step calls); the milestones are placed at 60 % and 90 % of the
 optimizer updates, `steps // accumulation`.
