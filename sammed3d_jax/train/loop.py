@@ -785,6 +785,22 @@ def _train_in(
     rules = sh.rules_dict(config.sharding_rules)
     mesh = sh.make_mesh(dict(config.mesh))
     log.info("mesh %s", dict(mesh.shape))
+    tensor = mesh.shape["tensor"]
+    uneven = [
+        f"{name} ({heads})"
+        for name, heads in (
+            ("encoder heads", cfg.encoder_num_heads),
+            ("decoder heads", cfg.decoder_num_heads),
+        )
+        if heads % tensor
+    ]
+    if uneven:  # logical_to_spec leaves such dimensions whole: no error, just no split
+        log.warning(
+            "mesh.tensor=%d does not divide the %s: those weights stay whole on every device "
+            "of the tensor axis",
+            tensor,
+            " or the ".join(uneven),
+        )
     train_cfg = _dataclass_from(TrainConfig, config.train, "train")
     optim_cfg = _dataclass_from(
         OptimConfig, config.optim, "optim", freeze_image_encoder=bool(config.freeze_image_encoder)
