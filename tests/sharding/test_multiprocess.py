@@ -64,8 +64,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(workdir: Path, steps: int, *extra: str, devices: int) -> list[str]:
-    """train.py as two processes on localhost; asserts both exit 0, returns their stderr."""
+def run_two_processes(
+    workdir: Path, steps: int, *extra: str, devices: int, returncode: int = 0
+) -> list[str]:
+    """train.py as two processes on localhost; asserts both exit with `returncode`, returns
+    their stderr."""
     port = free_port()
     procs = [
         subprocess.Popen(
@@ -93,7 +96,7 @@ def run_two_processes(workdir: Path, steps: int, *extra: str, devices: int) -> l
     ]
     errs = [p.communicate(timeout=700)[1] for p in procs]
     for p, e in zip(procs, errs):
-        assert p.returncode == 0, e[-3000:]
+        assert p.returncode == returncode, e[-3000:]
     return errs
 
 
@@ -240,37 +243,11 @@ def test_a_workdir_in_use_stops_every_process_with_one_line(tmp_path):
 
     work = tmp_path / "busy"
     work.mkdir()
-    port = free_port()
     with open(work / ".lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another run would
         t0 = time.time()
-        procs = [
-            subprocess.Popen(
-                [
-                    "timeout",
-                    "-k",
-                    "10",
-                    "300",
-                    *cmd(
-                        work,
-                        2,
-                        f"--coordinator_address=127.0.0.1:{port}",
-                        "--num_processes=2",
-                        f"--process_id={i}",
-                    ),
-                ],
-                cwd=REPO,
-                env=env(1, compilation_cache=False),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for i in range(2)
-        ]
-        errs = [p.communicate(timeout=330)[1] for p in procs]
-    for p, e in zip(procs, errs):
-        assert p.returncode == 2, e[-3000:]
-        assert "Traceback" not in e, e[-3000:]
+        errs = run_two_processes(work, 2, devices=1, returncode=2)
+    assert all("Traceback" not in e for e in errs), errs
     assert "another training run is using it" in errs[0]
     assert "refused by process 0" in errs[1]
     assert time.time() - t0 < 120  # no collective waited for its deadline
