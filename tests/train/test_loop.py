@@ -68,6 +68,20 @@ def params_at(workdir: Path, step: int) -> dict[str, np.ndarray]:
     return flat
 
 
+def in_process_config(steps: int, eval_every: int):
+    """The demo config, small as FAST, with a two-item held-out evaluation."""
+    from configs.cpu_demo import get_config
+
+    config = get_config(f"steps={steps},batch=2")
+    config.train.num_clicks = 2
+    config.train.no_point_low = config.train.no_point_high = 0
+    config.val.max_items = 2
+    config.val.batch_size = 2
+    config.val.clicks = (1,)
+    config.eval_every = eval_every
+    return config
+
+
 def wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     end = time.time() + timeout
     while time.time() < end:
@@ -333,16 +347,9 @@ def test_default_main_job_learns(tmp_path):
 @pytest.mark.slow
 def test_sigterm_after_the_last_step_finishes_the_run(tmp_path, monkeypatch):
     """A signal during the last step's evaluation: everything is saved, the run is done."""
-    from configs.cpu_demo import get_config
     from sammed3d_jax.train import loop
 
-    config = get_config("steps=2,batch=2")
-    config.train.num_clicks = 2
-    config.train.no_point_low = config.train.no_point_high = 0
-    config.val.max_items = 2
-    config.val.batch_size = 2
-    config.val.clicks = (1,)
-    config.eval_every = 2
+    config = in_process_config(steps=2, eval_every=2)
     evaluate = loop.Evaluator.__call__
     calls = []
 
@@ -363,16 +370,9 @@ def test_sigterm_after_the_last_step_finishes_the_run(tmp_path, monkeypatch):
 def test_stop_at_an_evaluation_step_defers_the_evaluation_to_the_resumed_run(tmp_path, monkeypatch):
     """A stop leaves the preemption's grace period to the save: the step's evaluation runs
     first thing in the resumed run."""
-    from configs.cpu_demo import get_config
     from sammed3d_jax.train import loop
 
-    config = get_config("steps=3,batch=2")
-    config.train.num_clicks = 2
-    config.train.no_point_low = config.train.no_point_high = 0
-    config.val.max_items = 2
-    config.val.batch_size = 2
-    config.val.clicks = (1,)
-    config.eval_every = 1
+    config = in_process_config(steps=3, eval_every=1)
     config.async_checkpointing = False
     workdir = tmp_path / "run"
     stop = loop._Preemption.stop
