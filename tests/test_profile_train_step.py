@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import profile_train_step
 
 
+@pytest.mark.slow  # a whole training step compiled and traced (the encoder test covers the tool)
 def test_profile_maps_ops_to_modules(capsys):
     args = "--device cpu --variant tiny --clicks 2 --repeats 1 --top 3".split()
     assert profile_train_step.main(args) == 0
