@@ -45,7 +45,7 @@ def test_half_precision_weights_change_no_bit(attention):
     np.testing.assert_array_equal(np.asarray(emb_c), np.asarray(emb))
     np.testing.assert_array_equal(np.asarray(logits_c), np.asarray(logits))
 
-    leaves, cast_leaves = split_flat(model)[1], split_flat(cast)[1]
+    leaves, cast_leaves = split_flat(model, pack=False)[1], split_flat(cast, pack=False)[1]
     assert all(a.dtype == jnp.float32 for a in leaves)  # the model itself is left alone
     half = [b for b in cast_leaves if b.dtype == jnp.bfloat16]
     assert half and len(half) < len(cast_leaves)  # LayerNorms, tables, embeddings stay f32

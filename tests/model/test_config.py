@@ -14,6 +14,7 @@ from sammed3d_jax.convert.torch_to_jax import (
     flax_state_to_torch,
     infer_config,
 )
+from sammed3d_jax.model import compute_dtype_weights
 
 
 def test_vit_b_ori_param_count_without_memory():
@@ -113,26 +114,57 @@ def test_split_flat_round_trip_and_jit_argument():
     from sammed3d_jax.model.sam import merge_flat, split_flat
 
     model = build_sam3d("tiny")
-    flatdef, leaves = split_flat(model)
+    state_leaves = jax.tree_util.tree_leaves(nnx.state(model))
+    flatdef, leaves = split_flat(model, pack=False)
     assert isinstance(leaves, list)
-    assert len(leaves) == len(jax.tree_util.tree_leaves(nnx.state(model)))
+    assert len(leaves) == len(state_leaves)
     rebuilt = merge_flat(flatdef, leaves)
-    for a, b in zip(
-        jax.tree_util.tree_leaves(nnx.state(model)),
-        jax.tree_util.tree_leaves(nnx.state(rebuilt)),
-        strict=True,
-    ):
+    for a, b in zip(state_leaves, jax.tree_util.tree_leaves(nnx.state(rebuilt)), strict=True):
         assert a is b
     x = np.random.default_rng(0).standard_normal((1,) + (model.config.img_size,) * 3)
     x = x.astype(np.float32)
-    encode = jax.jit(lambda leaves, x: merge_flat(flatdef, leaves).encode(x))
     graphdef, state = nnx.split(model)
-    reference = jax.jit(lambda state, x: nnx.merge(graphdef, state).encode(x))
-    np.testing.assert_array_equal(np.asarray(encode(leaves, x)), np.asarray(reference(state, x)))
-    # Same architecture, other weights: the very same static half, so jit's cache lookup is
-    # an identity check and no second compilation happens.
-    assert split_flat(build_sam3d("tiny", seed=1))[0] is flatdef
-    assert split_flat(build_sam3d("tiny", seed=1).image_encoder)[0] != flatdef
+    reference = jax.jit(lambda state, x: nnx.merge(graphdef, state).encode(x))(state, x)
+    for pack in (False, True):
+        flatdef, leaves = split_flat(model, pack=pack)
+        encode = jax.jit(lambda leaves, x, flatdef=flatdef: merge_flat(flatdef, leaves).encode(x))
+        np.testing.assert_array_equal(np.asarray(encode(leaves, x)), np.asarray(reference))
+        # Same architecture, other weights: the very same static half, so jit's cache
+        # lookup is an identity check and no second compilation happens.
+        assert split_flat(build_sam3d("tiny", seed=1), pack=pack)[0] is flatdef
+        assert split_flat(build_sam3d("tiny", seed=1).image_encoder, pack=pack)[0] != flatdef
+    assert split_flat(model, pack=True)[0] != split_flat(model, pack=False)[0]
+
+
+def test_split_flat_packs_all_but_matmul_weights_and_biases():
+    import jax
+
+    from sammed3d_jax.model.sam import OWN_BUFFER_NAMES, merge_flat, split_flat
+
+    model = compute_dtype_weights(build_sam3d(Sam3DConfig.from_variant("tiny", dtype="bfloat16")))
+    with_paths = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    flatdef, leaves = split_flat(model)
+    layers = {p[:-2] for p, _ in with_paths if p[-2].key == "kernel"}
+    own = [
+        i
+        for i, (p, _) in enumerate(with_paths)
+        if p[-2].key in OWN_BUFFER_NAMES or (p[-2].key == "bias" and p[:-2] in layers)
+    ]
+    # Matmul and convolution weights with their biases keep their own buffers; LayerNorm
+    # biases do not.
+    assert own and list(flatdef.own) == own
+    norm = model.image_encoder.blocks[0].norm1.bias[...]
+    assert not any(leaf is norm for leaf in leaves)
+    # One 1-D buffer per dtype for the rest: here float32 norms, tables and embeddings.
+    packed = leaves[len(own) :]
+    assert [(b.dtype.name, b.ndim) for b in packed] == [("float32", 1)]
+    assert len(with_paths) - len(own) > 20
+    rebuilt = jax.tree_util.tree_leaves(nnx.state(merge_flat(flatdef, leaves)))
+    for (_, a), b in zip(with_paths, rebuilt, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match=f"expected {len(leaves)} arrays"):
+        merge_flat(flatdef, leaves[:-1])
 
 
 def test_flatdef_hash_is_computed_once(monkeypatch):
