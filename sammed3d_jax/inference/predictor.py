@@ -197,7 +197,7 @@ class SamEngine:
         if x.shape != (s, s, s):
             raise ValueError(f"roi_image must have shape {(s, s, s)}, got {x.shape}")
         t0 = time.perf_counter()
-        emb = _encode_jit(self._flatdef, self._leaves, jnp.asarray(x)[None])
+        emb = _encode_jit(self._flatdef, self._leaves, jnp.asarray(x[None]))
         emb.block_until_ready()
         self.encode_seconds += time.perf_counter() - t0
         self.encode_calls += 1
@@ -240,15 +240,8 @@ class SamEngine:
         else:
             m = np.asarray(mask_input, dtype=np.float32).reshape(1, size, size, size)
         t0 = time.perf_counter()
-        low, logits, prob = _decode_jit(
-            self._flatdef,
-            self._leaves,
-            embedding,
-            jnp.asarray(p),
-            jnp.asarray(lab),
-            jnp.asarray(m),
-            jnp.asarray(valid),
-        )
+        inputs = jax.device_put((p, lab, m, valid))  # one batched transfer, not four
+        low, logits, prob = _decode_jit(self._flatdef, self._leaves, embedding, *inputs)
         out = DecodeOutput(np.asarray(low), np.asarray(logits), np.asarray(prob))
         self.decode_seconds += time.perf_counter() - t0
         self.decode_calls += 1
