@@ -13,14 +13,15 @@
 # names the steps it can afford. Durations seen on an H200: `encoder` with four variants at
 # batches 1 and 32 (original compiled at batch 1) 231 s; `train` with its two default
 # variants (unrolled and device loop) 265 s; `train_cmdbuf` 113 s; `click` 35 s;
-# `train_profile` 95 s; `encoder_profile` at batch 32 21 s, at batch 1 16 s. The original is compiled in both
+# `dispatch` ~60 s (not yet run: three compilations per target); `train_profile` 95 s;
+# `encoder_profile` at batch 32 21 s, at batch 1 16 s. The original is compiled in both
 # torch.compile modes (the compiled figures are the faster one's: "reduce-overhead" adds CUDA
 # graphs, as XLA's command buffers do for ours); by default the `encoder` step compiles it at
 # batch 16 as well, for the throughput ratio. The training step's default on a GPU unrolls the
 # click loop (compiled in ~160 s on an H200); `+scan` times the device loop (~80 s).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
-STEPS=${STEPS:-train click train_profile encoder_profile encoder tests}
+STEPS=${STEPS:-train click dispatch train_profile encoder_profile encoder tests}
 mkdir -p "$OUT"
 : >"$OUT/steps.txt"
 NO_CMD_BUFFERS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="  # last flag wins
@@ -59,6 +60,10 @@ for s in $STEPS; do
       bench train_cmdbuf "${CMDBUF_LIMIT:-200}" --skip encoder,accuracy,click,pipeline \
       --train-batch 12 --train-variants "${CMDBUF_VARIANTS:-cudnn+scan}" ;;
     click) bench click 70 --skip encoder,accuracy,train,pipeline ;;
+    # Host time per call by how the weights are passed (separate / packed / compiled in).
+    dispatch) for t in encoder click; do
+        step "dispatch_$t" 90 python3 benchmarks/dispatch_overhead.py --device gpu --target "$t"
+      done ;;
     # Profiles run with command buffers (CUDA graphs) off: inside one, kernels cannot be
     # told apart (the wall time is then higher than in the benchmarks).
     train_profile) XLA_FLAGS="$NO_CMD_BUFFERS" \

@@ -99,3 +99,18 @@ def test_a_side_failing_at_warm_up_keeps_the_other_timed():
     assert errors == {"torch": "RuntimeError: CUDA out of memory"}
     with pytest.raises(RuntimeError, match="out of memory"):  # without `errors`: raises
         interleaved_medians({"torch": (out_of_memory, lambda o: o)}, 2)
+
+
+def test_dispatch_overhead_ways_agree_and_report_each_figure(capsys):
+    import json
+
+    from benchmarks.dispatch_overhead import WAYS, main
+
+    assert main(["--variant", "tiny", "--repeats", "1", "--pipeline", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["packed_equals_separate"] is True
+    sizes = result["weight_arrays"]
+    assert sizes["packed"] < sizes["separate"]
+    for way in WAYS:
+        assert set(result[way]) == {"serial_ms", "dispatch_ms", "pipelined_ms"}
+        assert all(v > 0 for v in result[way].values())
