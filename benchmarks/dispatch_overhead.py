@@ -2,6 +2,7 @@
 
     python benchmarks/dispatch_overhead.py --device gpu                  # encoder, batch 1
     python benchmarks/dispatch_overhead.py --device gpu --target click   # one click
+    python benchmarks/dispatch_overhead.py --device gpu --attention einsum  # no cuDNN calls
 
 At batch 1 a call can spend longer on the host (flattening and checking every argument,
 handing each buffer to the runtime, launching the program) than the device spends running
@@ -112,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", choices=("encoder", "click"), default="encoder")
     p.add_argument("--variant", default="vit_b_ori")
     p.add_argument("--batch", type=int, default=1, help="encoder batch")
+    p.add_argument(
+        "--attention",
+        choices=("cudnn", "xla", "einsum"),
+        help="encoder attention (default: cudnn on a GPU, einsum on CPU); cuDNN's fused "
+        "attention is a library call the host launches, XLA's own kernels are not",
+    )
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--pipeline", type=int, default=30, help="calls issued before waiting")
     args = p.parse_args(argv)
@@ -129,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     if gpu and jax.devices()[0].platform != "gpu":
         print("error: --device gpu but JAX sees no GPU", file=sys.stderr)
         return 2
+    attention = args.attention or ("cudnn" if gpu else "einsum")
+    if attention == "cudnn" and not gpu:
+        p.error("--attention cudnn needs --device gpu")
     model = with_config(
-        random_model(args.variant),
-        dtype="bfloat16" if gpu else "float32",
-        attention_impl="cudnn" if gpu else "einsum",
+        random_model(args.variant), dtype="bfloat16" if gpu else "float32", attention_impl=attention
     )
     model = compute_dtype_weights(model)  # as the inference engine
     calls, sizes = build_calls(model, args.target, args.batch)
@@ -141,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(jax.devices()[0].device_kind),
         "target": args.target,
         "variant": args.variant,
+        "attention": attention,
         "batch": args.batch if args.target == "encoder" else 1,
         "weight_arrays": sizes,
         "packed_equals_separate": bool(np.array_equal(out_sep, out_packed)),

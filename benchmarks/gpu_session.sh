@@ -61,8 +61,13 @@ for s in $STEPS; do
       --train-batch 12 --train-variants "${CMDBUF_VARIANTS:-cudnn+scan}" ;;
     click) bench click 70 --skip encoder,accuracy,train,pipeline ;;
     # Host time per call by how the weights are passed (separate / packed / compiled in).
+    # DISPATCH_ATTENTION="cudnn einsum" adds the encoder without cuDNN calls.
     dispatch) for t in encoder click; do
         step "dispatch_$t" 90 python3 benchmarks/dispatch_overhead.py --device gpu --target "$t"
+      done
+      for a in ${DISPATCH_ATTENTION:-}; do
+        step "dispatch_encoder_$a" 90 python3 benchmarks/dispatch_overhead.py --device gpu \
+          --attention "$a"
       done ;;
     # Profiles run with command buffers (CUDA graphs) off: inside one, kernels cannot be
     # told apart (the wall time is then higher than in the benchmarks).
