@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 WindowAttention = Literal["exact", "padded"]
-AttentionImpl = Literal["auto", "einsum", "xla", "cudnn"]
-ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+AttentionImpl = Literal["auto", "einsum", "xla", "cudnn", "pallas"]
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "pallas")
 GeluForm = Literal["auto", "exact", "tanh"]
 # Fields that change how the model computes, never which parameters it has: they may be
 # overridden when loading a checkpoint.
@@ -54,7 +54,10 @@ class Sam3DConfig:
         with the relative-position bias, through XLA or cuDNN's fused kernel ("cudnn"
         needs a CUDA GPU and dtype bfloat16 or float16). "auto": "cudnn" where that works
         (bfloat16/float16 on an NVIDIA GPU of compute capability >= 8.0; measured faster,
-        BENCHMARKS.md), else "einsum".
+        BENCHMARKS.md), else "einsum". "pallas": a kernel that forms the relative-position
+        bias on chip instead of reading it from memory (`rel_pos_attention`; Triton on a
+        GPU, Pallas' slow interpreter elsewhere; for single-device inference: its backward
+        pass is a dense reference and it is not partitioned over a mesh; not yet timed).
       remat: rematerialise each encoder block in the backward pass.
       gelu: the encoder MLP's activation. "exact" (erf), as the original; "tanh": its tanh
         approximation, within 5e-4 of it everywhere (a thirtieth of a bfloat16 rounding

@@ -56,6 +56,7 @@ from sammed3d_jax.model.common import (
     materialize_cotangent,
 )
 from sammed3d_jax.model.config import Sam3DConfig
+from sammed3d_jax.model.rel_pos_attention import rel_pos_attention
 from sammed3d_jax.sharding import shard
 
 Array = jax.Array
@@ -274,6 +275,9 @@ class Attention(nnx.Module):
         """
         b, d, h, w, c = x.shape
         q, k, v = self._qkv(x)
+        if self.attention_impl == "pallas":
+            out = self._attend_pallas(q, k, v, window).transpose(0, 2, 3, 4, 1, 5)
+            return self.proj(out.reshape(b, d, h, w, c).astype(self.dtype))
         if resolve_attention_impl(self.attention_impl, self.dtype) != "einsum":
             out = self._attend_fused(q, k, v, window)
             return self.proj(out.reshape(b, d, h, w, c))
@@ -326,6 +330,45 @@ class Attention(nnx.Module):
             implementation=impl,
         )
         return out[:, : q.shape[2] * q.shape[3] * q.shape[4]].astype(self.dtype)
+
+    def _attend_pallas(self, q: Array, k: Array, v: Array, window: int | None) -> Array:
+        """`rel_pos_attention`: the bias formed from the per-query term rows in the kernel.
+
+        q, k, v: (B, K, d, h, w, E). Returns (B, K, d, h, w, E) in the compute dtype.
+        """
+        b, heads, d, h, w, e = q.shape
+        n = d * h * w
+
+        def rows(t: Array) -> Array:  # (B, K, d, h, w, ...) -> (B * K, n, ...)
+            return t.reshape(b * heads, n, -1)
+
+        if self.use_rel_pos:
+            terms = self._rel_terms(q, window if window is not None else w)
+            # Per query (qd, qh, qw): a + b over (key row d, key column), c over (key row h,
+            # key column); c does not depend on qw.
+            # Summed in float32, rounded once to the kernel's dtype.
+            ab = terms.a[:, :, :, :, :, None, :w] + terms.b[:, :, :, :, None, :d, :w]
+            c_rows = terms.c[:, :, :, :, None, :h, :w].astype(self.dtype)
+            rel = (ab.astype(self.dtype), jnp.broadcast_to(c_rows, (b, heads, d, h, w, h, w)))
+        else:
+            terms = None
+            rel = (jnp.zeros((b, heads, d, h, w, 1), F32),) * 2
+        pad_logit = pad_value = None
+        if window is not None and (d, h, w) != (window,) * 3:
+            pad_logit = self._padding_logit(q, (d, h, w), window, terms).reshape(b * heads, n)
+            b_v = self._bias_parts()[2]  # (K, E)
+            pad_value = jnp.broadcast_to(b_v[None], (b, heads, e)).reshape(b * heads, e)
+        out = rel_pos_attention(
+            rows(q.astype(self.dtype)),
+            rows(k.astype(self.dtype)),
+            rows(v.astype(self.dtype)),
+            tuple(rows(t) for t in rel),
+            pad_logit,
+            pad_value,
+            scale=self.scale,
+            box=(d, h, w),
+        )
+        return out.reshape(b, heads, d, h, w, e)
 
     def fused_operands(
         self, q: Array, k: Array, v: Array, window: int | None, impl: str
