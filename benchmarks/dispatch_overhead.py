@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="encoder batch")
     p.add_argument(
         "--attention",
-        choices=("cudnn", "xla", "einsum"),
+        choices=("cudnn", "xla", "einsum", "pallas"),
         help="encoder attention (default: cudnn on a GPU, einsum on CPU); cuDNN's fused "
-        "attention is a library call the host launches, XLA's own kernels are not",
+        "attention is a library call the host launches, XLA's and Pallas' kernels are not",
     )
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--pipeline", type=int, default=30, help="calls issued before waiting")

@@ -91,6 +91,9 @@ for s in $STEPS; do
       --torch-compile-modes "${COMPILE_MODES:-default,reduce-overhead}" ;;
     tests) step tests "${TESTS_LIMIT:-120}" python3 -m pytest -q -p no:cacheprovider \
       tests/model/test_attention_impl.py -k "${TESTS_K:-cudnn and odd_tokens}" ;;
+    # The Pallas attention kernel compiled by Triton (elsewhere the tests interpret it).
+    pallas_tests) step pallas_tests "${TESTS_LIMIT:-120}" python3 -m pytest -q \
+      -p no:cacheprovider tests/model/test_rel_pos_attention.py -m "slow or not slow" ;;
     *) echo "unknown step $s" >&2 ;;
   esac
 done
