@@ -69,6 +69,8 @@ def _kernel(q_ref, k_ref, v_ref, tb_ref, tc_ref, pad_ref, bv_ref, o_ref, **stati
     )
     q = plgpu.load(q_ref)
     terms = [plgpu.load(tb_ref), plgpu.load(tc_ref)]
+    # float32 operands (the parity mode) in full precision, not TF32.
+    dot = functools.partial(plgpu.dot, allow_tf32=False) if q.dtype == F32 else plgpu.dot
     widths = tuple(t.shape[-1] for t in terms)
     block_q = q.shape[0]
     # The padded keys first: summed weight e^pad (so l = 1 at m = pad), common value b_v.
@@ -80,16 +82,16 @@ def _kernel(q_ref, k_ref, v_ref, tb_ref, tc_ref, pad_ref, bv_ref, o_ref, **stati
         acc, m_i, l_i = carry
         keys = pl.dslice(step * block_k, block_k)
         k = plgpu.load(k_ref.at[keys, :])
-        s = plgpu.dot(q, k.T) * scale
+        s = dot(q, k.T) * scale
         j = step * block_k + jnp.arange(block_k)
         for t, onehot in zip(terms, _key_onehots(j, box, widths, q.dtype), strict=True):
-            s = s + plgpu.dot(t, onehot)
+            s = s + dot(t, onehot)
         s = jnp.where((j < n_keys)[None, :], s, _MASKED)
         m_next = jnp.maximum(m_i, jnp.max(s, axis=1))
         correction = jnp.exp(m_i - m_next)
         p = jnp.exp(s - m_next[:, None])
         v = plgpu.load(v_ref.at[keys, :])
-        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        acc = acc * correction[:, None] + dot(p.astype(v.dtype), v)
         return acc, m_next, l_i * correction + jnp.sum(p, axis=1)
 
     acc, m_i, l_i = jax.lax.fori_loop(0, k_ref.shape[0] // block_k, body, (acc, m_i, l_i))
