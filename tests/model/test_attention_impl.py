@@ -87,19 +87,29 @@ FLOAT32_CASES = [
 
 @pytest.mark.parametrize("case", FLOAT32_CASES)
 def test_fused_equals_einsum_float32(case):
+    assert float32_error_vs_einsum(case, "xla") < 1e-5
+
+
+def float32_error_vs_einsum(case: str, attention_impl: str) -> float:
+    """Relative error of a float32 encoder under `attention_impl` against the einsum path."""
     img, window, extra = CASES[case]
     enc = random_encoder(small_cfg(img, window, **extra))
     x = volume(enc.cfg)
     with jax.default_matmul_precision("highest"):
         ref = encode(enc, x)
-        out = encode(with_numerics(enc, attention_impl="xla"), x)
-    assert rel(out, ref) < 1e-5
+        out = encode(with_numerics(enc, attention_impl=attention_impl), x)
+    return rel(out, ref)
 
 
 @pytest.mark.parametrize(
     "case", ["one_padded_window", pytest.param("partial_windows", marks=pytest.mark.slow)]
 )
 def test_fused_gradients_equal_einsum(case):
+    assert_gradients_equal_einsum(case, "xla")
+
+
+def assert_gradients_equal_einsum(case: str, attention_impl: str) -> None:
+    """Weight gradients of a float32 encoder under `attention_impl` equal the einsum path's."""
     img, window, extra = CASES[case]
     enc = random_encoder(small_cfg(img, window, **extra), seed=3)
     x = volume(enc.cfg, batch=1)
@@ -112,7 +122,7 @@ def test_fused_gradients_equal_einsum(case):
 
     with jax.default_matmul_precision("highest"):
         ref = grads(enc)
-        out = grads(with_numerics(enc, attention_impl="xla"))
+        out = grads(with_numerics(enc, attention_impl=attention_impl))
     flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref))
     for path, g in jax.tree_util.tree_leaves_with_path(out):
         r = flat_ref[path]

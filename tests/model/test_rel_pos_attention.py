@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from sammed3d_jax.model.rel_pos_attention import reference, rel_pos_attention
 from tests.model.test_attention_impl import (
     CASES,
+    assert_gradients_equal_einsum,
     encode,
+    float32_error_vs_einsum,
     random_encoder,
     rel,
     small_cfg,
@@ -73,13 +74,7 @@ def test_kernel_rejects_keys_of_another_box():
     ],
 )
 def test_pallas_encoder_equals_einsum_float32(case):
-    img, window, extra = CASES[case]
-    enc = random_encoder(small_cfg(img, window, **extra))
-    x = volume(enc.cfg)
-    with jax.default_matmul_precision("highest"):
-        ref = encode(enc, x)
-        out = encode(with_numerics(enc, attention_impl="pallas"), x)
-    assert rel(out, ref) < 1e-5
+    assert float32_error_vs_einsum(case, "pallas") < 1e-5
 
 
 def test_pallas_encoder_bfloat16_as_accurate_as_einsum():
@@ -95,21 +90,4 @@ def test_pallas_encoder_bfloat16_as_accurate_as_einsum():
 
 @pytest.mark.slow
 def test_pallas_encoder_gradients_equal_einsum():
-    img, window, extra = CASES["one_padded_window"]
-    enc = random_encoder(small_cfg(img, window, **extra), seed=3)
-    x = volume(enc.cfg, batch=1)
-
-    def grads(model):
-        def loss(m):
-            return jnp.mean(jnp.square(m(x)))
-
-        return nnx.to_pure_dict(nnx.jit(nnx.grad(loss))(model))
-
-    with jax.default_matmul_precision("highest"):
-        ref = grads(enc)
-        out = grads(with_numerics(enc, attention_impl="pallas"))
-    flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref))
-    for path, g in jax.tree_util.tree_leaves_with_path(out):
-        r = flat_ref[path]
-        scale = float(jnp.max(jnp.abs(r))) or 1.0
-        assert float(jnp.max(jnp.abs(g - r))) / scale < 1e-4, jax.tree_util.keystr(path)
+    assert_gradients_equal_einsum("one_padded_window", "pallas")
