@@ -98,6 +98,7 @@ def main(argv):
         NonFiniteError,
         Preempted,
         train_and_evaluate,
+        use_compilation_cache,
     )
 
     config = FLAGS.config
@@ -113,6 +114,8 @@ def main(argv):
         name = Path(flags.FLAGS["config"].config_filename.split(":")[0]).stem
         workdir = str(REPO / "runs" / name)
     try:
+        cache = use_compilation_cache(config.get("compilation_cache", "auto"), workdir)
+        logging.info("compilation cache: %s", cache or "off")
         final = train_and_evaluate(config, workdir)
     except Preempted as e:
         # 128 + SIGTERM, as if the signal had ended the process: not "done", so job

@@ -152,6 +152,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.plot_every_eval = True  # redraw curves.png after each evaluation (always at the end)
     c.profile_steps = ()  # e.g. (10, 15): jax profiler trace over these steps
+    # Compiled programs kept across runs, so a resumed run does not compile its step again:
+    # "auto" = $JAX_COMPILATION_CACHE_DIR if set, else <workdir>/compilation_cache;
+    # "" = off; or a folder.
+    c.compilation_cache = "auto"
     # Device mesh: axis sizes, -1 = the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = tuple((k, v) for k, v in DEFAULT_RULES)

@@ -446,6 +446,58 @@ def maybe_initialize_distributed(dist: Any) -> None:
         jax.distributed.initialize(**local)
 
 
+COMPILATION_CACHE_DIR = "compilation_cache"  # the "auto" cache, inside the workdir
+
+
+def use_compilation_cache(setting: str, workdir: str | os.PathLike) -> Path | None:
+    """Point JAX's persistent compilation cache at the run's folder; returns it (None: off).
+
+    A resumed or restarted run then loads its compiled training step instead of compiling
+    it again (minutes for the GPU program). ``setting`` (``config.compilation_cache``):
+    "auto" keeps a cache the environment already chose (``JAX_COMPILATION_CACHE_DIR``), else
+    uses ``<workdir>/compilation_cache``; "" turns the cache off; anything else is the folder.
+    Call it before anything is compiled in the process: JAX opens its cache once. Only
+    process 0 writes entries (JAX's rule); every process reads them. The folder can be
+    deleted at any time, which costs one compilation.
+    """
+    if not isinstance(setting, str):
+        raise ValueError(f"compilation_cache must be a folder, 'auto' or '', got {setting!r}")
+    if not setting:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    if setting == "auto":
+        chosen = jax.config.jax_compilation_cache_dir
+        path = Path(chosen) if chosen else Path(workdir).absolute() / COMPILATION_CACHE_DIR
+    else:
+        check_local_path(setting, "compilation_cache")
+        path = Path(setting).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"compilation_cache {path}: exists and is not a folder")
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
+
+
+class _CacheHits:
+    """Counts JAX's persistent-cache hits while open (its monitoring events)."""
+
+    EVENT = "/jax/compilation_cache/cache_hits"
+
+    def __init__(self) -> None:
+        self.hits = 0
+
+    def _on_event(self, event: str, **_: Any) -> None:
+        if event == self.EVENT:
+            self.hits += 1
+
+    def __enter__(self) -> _CacheHits:
+        jax.monitoring.register_event_listener(self._on_event)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        jax.monitoring.unregister_event_listener(self._on_event)
+
+
 def check_local_path(value: Any, name: str) -> None:
     """Reject URLs (gs://, s3://, ...): paths are read and written with the file system."""
     if value and "://" in str(value):
@@ -973,7 +1025,17 @@ def _train_in(
                 wait += time.time() - t0
                 data_loss.step(step, local["sample_mask"])
                 batch = _global_batch(local, mesh, rules, data_cfg.batch_size)
-                state, metrics = step_fn(state, batch, rng)
+                if step == step_at_start:  # the first call compiles the step, or loads it
+                    t_ready = time.time()
+                    with _CacheHits() as cached:
+                        state, metrics = step_fn(state, batch, rng)
+                    log.info(
+                        "train step %s in %.1f s",
+                        "loaded from the compilation cache" if cached.hits else "compiled",
+                        time.time() - t_ready,
+                    )
+                else:
+                    state, metrics = step_fn(state, batch, rng)
                 step += 1
                 steps_since += 1
                 pending.append((step, metrics))

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -117,6 +118,8 @@ def test_resume_after_kill_is_exact(tmp_path, capsys):
     proc = run(interrupted, 6)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checkpoint step 3" in proc.stderr
+    # The resumed run's step is the straight run's program: read back, not compiled again.
+    assert "train step loaded from the compilation cache" in proc.stderr
 
     a, b = losses(straight), losses(interrupted)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
@@ -265,10 +268,48 @@ def test_rerun_without_checkpoint_rewrites_the_metrics(tmp_path):
     workdir = tmp_path / "restart"
     workdir.mkdir()
     (workdir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 123.0}\n{"step": 2, "tr')
-    proc = run(workdir, 1)
+    # Without a cache chosen by the environment, the run keeps its compiled programs in the
+    # workdir (config.compilation_cache = "auto").
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    proc = subprocess.run(
+        train_cmd(workdir, 1), cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] and rows[0]["train/loss"] != 123.0
+    assert f"compilation cache: {workdir / 'compilation_cache'}" in proc.stderr
+    assert any(
+        p.name.startswith("jit_train_step") for p in (workdir / "compilation_cache").iterdir()
+    )
+
+
+def test_compilation_cache_setting(tmp_path):
+    from sammed3d_jax.train.loop import use_compilation_cache
+
+    saved = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert use_compilation_cache("auto", tmp_path / "w") == tmp_path / "w" / "compilation_cache"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "w" / "compilation_cache")
+        # A folder the environment chose (JAX_COMPILATION_CACHE_DIR) is kept.
+        assert (
+            use_compilation_cache("auto", tmp_path / "other")
+            == tmp_path / "w" / "compilation_cache"
+        )
+        assert use_compilation_cache(str(tmp_path / "c"), tmp_path / "w") == tmp_path / "c"
+        assert use_compilation_cache("", tmp_path / "w") is None
+        assert not jax.config.jax_enable_compilation_cache
+        (tmp_path / "file").write_text("")
+        for bad, match in [
+            ("gs://bucket/cache", "compilation_cache=gs://bucket/cache: URLs are not supported"),
+            (str(tmp_path / "file"), "exists and is not a folder"),
+            (None, "compilation_cache must be a folder, 'auto' or ''"),
+        ]:
+            with pytest.raises(ValueError, match=match):
+                use_compilation_cache(bad, tmp_path / "w")
+    finally:
+        jax.config.update("jax_enable_compilation_cache", saved[0])
+        jax.config.update("jax_compilation_cache_dir", saved[1])
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, fixtures_dir):
