@@ -78,7 +78,8 @@ def restore_error(where: str | os.PathLike, what: str, error: BaseException) -> 
     while inner.__cause__ is not None:
         inner = inner.__cause__
     lines = str(inner).strip().splitlines() or [type(inner).__name__]
-    reason = lines[0] if len(lines[0]) <= 400 else lines[0][:400] + " ..."
+    # A long first line ends with the system's reason ("No space left on device").
+    reason = lines[0] if len(lines[0]) <= 400 else lines[0][:240] + " ... " + lines[0][-160:]
     return CheckpointError(f"{where}: {what}: {reason}")
 
 
