@@ -174,7 +174,8 @@ class TrainCheckpointer:
         innermost reason Orbax gives."""
         failed = step if step is not None else self._writing
         self._writing = None
-        err = restore_error(self.directory / str(failed), "could not write the checkpoint", error)
+        where = self.directory / str(failed) if failed is not None else self.directory
+        err = restore_error(where, "could not write the checkpoint", error)
         return CheckpointError(f"{err}{self._resume_hint(failed)}")
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict, dict]:
