@@ -94,6 +94,14 @@ for s in $STEPS; do
     # The Pallas attention kernel compiled by Triton (elsewhere the tests interpret it).
     pallas_tests) step pallas_tests "${TESTS_LIMIT:-120}" python3 -m pytest -q \
       -p no:cacheprovider tests/model/test_rel_pos_attention.py -m "slow or not slow" ;;
+    # Restart cost: the demo job with the full model, run for one step and resumed for a
+    # second; the log's "train step compiled / loaded from the compilation cache in N s".
+    restart) for n in 1 2; do
+        step "restart_$n" "${RESTART_LIMIT:-280}" python3 train.py --workdir "$OUT/restart" \
+          --config.model.variant=vit_b_ori --config.data.batch_size=2 --config.eval_every=0 \
+          --config.total_steps="$n"
+        grep -h "train step" "$OUT/restart_$n.log" | tee -a "$OUT/steps.txt"
+      done ;;
     *) echo "unknown step $s" >&2 ;;
   esac
 done
